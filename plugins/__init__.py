@@ -1,0 +1,1 @@
+"""The built-in sinks, each an ordinary plugin registered through ``router_sink_types``."""

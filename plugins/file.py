@@ -1,0 +1,168 @@
+"""The ``file`` sink: one JSON line per message, appended to a file named by a template.
+
+Options::
+
+    path: ./var/out/{type}.jsonl   # placeholders {type}, {date} (UTC receive date), {messageId}
+    format: envelope               # or raw
+    fsync: true                    # fsync each batch before reporting it delivered
+    mode: 0o600                    # permissions of files it creates (directories get 0o700)
+
+``envelope`` lines are ``{"messageId":…,"type":…,"when":…,"receivedAt":…,"body":<body>}`` with
+the received body embedded byte for byte as the last value. ``raw`` lines are the body bytes
+themselves. A body's line breaks (legal only as whitespace between JSON tokens) are written as
+spaces so that each message stays on one line; Metriport sends compact JSON, whose bytes are
+kept exactly.
+
+Placeholder values come from the sender, so they are made safe for a file name: characters
+other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, and a value cannot be ``.`` or
+``..``; the resulting path must stay inside the template's fixed leading directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import anyio.to_thread
+
+from router import (
+    ConfigPath,
+    Message,
+    PermanentError,
+    RetryableError,
+    SendResult,
+    Sink,
+    SinkOptions,
+    hookimpl,
+)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_PLACEHOLDER = re.compile(r"\{(type|date|messageId)\}")
+
+
+class FileOptions(SinkOptions):
+    path: ConfigPath
+    format: Literal["envelope", "raw"] = "envelope"
+    fsync: bool = True
+    mode: int = 0o600
+
+
+def safe_component(value: str) -> str:
+    """A sender-supplied value made safe to use inside a file name."""
+    cleaned = _UNSAFE.sub("_", value)[:128] or "_"
+    return "_" + cleaned if cleaned.startswith(".") else cleaned
+
+
+class FileSink(Sink[FileOptions]):
+    """Append each message as one line to a JSON-lines file."""
+
+    type = "file"
+    Options = FileOptions
+    default_batch_size = 100
+
+    def __init__(self, name: str, options: FileOptions, *, base_dir: Path) -> None:
+        super().__init__(name, options, base_dir=base_dir)
+        template = str(options.path)
+        self.template = template
+        fixed = _PLACEHOLDER.split(template, maxsplit=1)[0]
+        self.root = Path(os.path.dirname(fixed) or ".").resolve()
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"file {self.template} ({self.options.format}, fsync={self.options.fsync})"
+
+    def path_for(self, message: Message) -> Path:
+        values = {
+            "type": safe_component(message.type),
+            "date": message.received_datetime.strftime("%Y-%m-%d"),
+            "messageId": safe_component(message.message_id),
+        }
+        path = Path(_PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)).resolve()
+        if not path.is_relative_to(self.root):
+            raise PermanentError(f"path template leaves {self.root}")
+        return path
+
+    def line_for(self, message: Message) -> bytes:
+        body = message.body
+        if b"\n" in body or b"\r" in body:
+            body = body.replace(b"\r", b" ").replace(b"\n", b" ")
+        if self.options.format == "raw":
+            return body + b"\n"
+        head = json.dumps(
+            {
+                "messageId": message.message_id,
+                "type": message.type,
+                "when": message.when,
+                "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
+            },
+            separators=(",", ":"),
+        )
+        return head[:-1].encode() + b',"body":' + body + b"}\n"
+
+    async def send(self, batch: Sequence[Message]) -> SendResult:
+        errors: dict[str, BaseException] = {}
+        by_path: dict[Path, list[Message]] = defaultdict(list)
+        for message in batch:
+            try:
+                by_path[self.path_for(message)].append(message)
+            except PermanentError as e:
+                errors[message.message_id] = e
+        failed = await anyio.to_thread.run_sync(self._write, by_path)
+        for path, error in failed.items():
+            for message in by_path[path]:
+                errors[message.message_id] = error
+        return errors
+
+    def _write(self, by_path: dict[Path, list[Message]]) -> dict[Path, RetryableError]:
+        failed = {}
+        with self._lock:
+            for path, messages in by_path.items():
+                try:
+                    self._append(path, b"".join(self.line_for(m) for m in messages))
+                except OSError as e:
+                    failed[path] = RetryableError(f"cannot write {path}: {e.strerror}")
+        return failed
+
+    def _append(self, path: Path, data: bytes) -> None:
+        """Append ``data`` whole or not at all: a failed write is cut back off the file."""
+        new_dir = not path.parent.exists()
+        if new_dir:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.options.mode)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.options.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+        if self.options.fsync and (created or new_dir):
+            _fsync_dir(path.parent)
+            if new_dir:
+                _fsync_dir(path.parent.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@hookimpl
+def router_sink_types() -> list[type[Sink[FileOptions]]]:
+    return [FileSink]

@@ -1,0 +1,113 @@
+"""The ``webhook-router`` command line.
+
+Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are one clear line
+(or one per problem), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from router import __version__, logs
+from router.config import CONFIG_ENV, DEFAULT_CONFIG, Config, config_path, load_config
+from router.errors import ConfigError, JournalUnavailable
+from router.routing import describe
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webhook-router",
+        description="Receive Metriport webhooks, journal them durably, route them to sinks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})"
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", "-c", help=config_help)
+    serve.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+    check = commands.add_parser("check", help="validate the configuration, print the routes")
+    check.add_argument("--config", "-c", help=config_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        _print_problems(path, e)
+        return EXIT_CONFIG
+    if args.command == "check":
+        _print_check(config)
+        return EXIT_OK
+    return _serve(config, args.log_level)
+
+
+def _print_problems(path: Path, error: ConfigError) -> None:
+    count = len(error.problems)
+    print(f"{path}: {count} problem{'s' if count != 1 else ''}:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    if any(p.message.startswith("cannot read") and not p.path for p in error.problems):
+        print(f"hint: pass --config PATH or set {CONFIG_ENV}", file=sys.stderr)
+
+
+def _print_check(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    print(f"{config.file}: OK")
+    server = config.server
+    print(f"listen:  {', '.join(server.listen)}  POST {server.path}")
+    print(f"auth:    {' + '.join(config.auth.accept)}, {len(config.auth.keys)} key(s)")
+    print(f"journal: {config.journal.path}")
+    print("routes (every matching route fires; a sink gets a message once):")
+    rows = describe(config.routes)
+    width = max(len(pattern) for pattern, _ in rows)
+    for pattern, sinks in rows:
+        print(f"  {pattern.ljust(width)}  ->  {sinks}")
+    print("sinks:")
+    width = max(len(name) for name in config.sinks)
+    for name, sink in config.sinks.items():
+        instance = sink.cls(name, sink.options, base_dir=config.base_dir)
+        print(
+            f"  {name.ljust(width)}  {instance.describe()}"
+            f"  (retry up to {sink.retry.max_attempts or 'unlimited'} attempts,"
+            f" timeout {sink.timeout:g}s)"
+        )
+
+
+def _serve(config: Config, log_level: str) -> int:
+    import anyio
+
+    from router import app
+
+    logs.setup(log_level)
+    log = logging.getLogger("router")
+    for warning in config.warnings:
+        log.warning(warning)
+    try:
+        anyio.run(app.serve, config, backend="asyncio")
+    except JournalUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as e:
+        print(f"error: cannot listen on {', '.join(config.server.listen)}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Configuration: YAML in, frozen typed objects out, or every problem at once.
+
+Strict: unknown keys are errors; each sink's options are validated by its own sink type's
+``Options`` model; every problem names the file, the key path and the line. Relative paths
+resolve against the configuration file's folder. Secrets are ``{env: NAME}`` or
+``{file: PATH}`` wherever a string is accepted (see ``router.yamlsource``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pluggy
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+)
+
+from router import plugins, yamlsource
+from router.errors import ConfigError, ConfigProblem
+from router.routing import Route, RouteTable, as_tuple
+from router.sink import Sink, SinkOptions
+
+DEFAULT_CONFIG = Path("/etc/webhook-router/config.yaml")
+CONFIG_ENV = "WEBHOOK_ROUTER_CONFIG"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``1.5`` (seconds), ``"250ms"``, ``"30s"``, ``"10m"``, ``"1h"``, ``"7d"`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 10m or 250ms")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    raise ValueError("expected a duration like 30s, 10m or 250ms")
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, str | Path):
+        base = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() or base is None else Path(base) / path
+    return value
+
+
+#: A duration in seconds, written as a number or with a unit (ms, s, m, h, d).
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+#: A filesystem path; relative paths resolve against the configuration file's folder.
+ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$|^unix:/.+$|^fd://\d+$")
+
+
+def _listen_address(value: Any) -> Any:
+    if isinstance(value, str) and not _LISTEN.match(value):
+        raise ValueError("expected host:port, unix:/path or fd://N")
+    return value
+
+
+class ServerConfig(_Strict):
+    listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
+        default_factory=lambda: ["127.0.0.1:8080"], min_length=1
+    )
+    path: Annotated[str, Field(pattern=r"^/")] = "/webhook"
+    max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
+    route_ping: bool = False
+    graceful_timeout: Duration = 10.0
+
+
+class AuthConfig(_Strict):
+    accept: list[Literal["signature", "key"]] = Field(
+        default_factory=lambda: ["signature", "key"], min_length=1
+    )
+    keys: list[SecretStr] = Field(min_length=1)
+
+
+class JournalConfig(_Strict):
+    path: ConfigPath = Path("var/journal")
+
+
+class RouteConfig(_Strict):
+    match: str | list[str]
+    to: str | list[str]
+
+
+class RetryPolicy(_Strict):
+    """Backoff: attempt n waits uniform(0, min(max, initial * 2**(n-1))) (full jitter).
+    ``max_attempts: 0`` retries without limit."""
+
+    max_attempts: Annotated[int, Field(ge=0)] = 50
+    initial: Duration = 1.0
+    max: Duration = 600.0
+
+
+class SinkCommon(_Strict):
+    """Router-level options every sink accepts beside its own."""
+
+    type: str
+    retry: RetryPolicy = RetryPolicy()
+    timeout: Duration = 30.0
+    concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] | None = None
+
+
+COMMON_KEYS = frozenset(SinkCommon.model_fields)
+
+
+class _Document(_Strict):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig
+    journal: JournalConfig = JournalConfig()
+    routes: list[RouteConfig] = Field(default_factory=list)
+    default: str | list[str] = Field(default_factory=list)
+    sinks: dict[str, dict[str, Any]] = Field(min_length=1)
+    plugins: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    name: str
+    type: str
+    cls: type[Sink[Any]]
+    options: SinkOptions
+    retry: RetryPolicy
+    timeout: float
+    concurrency: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    server: ServerConfig
+    auth: AuthConfig
+    journal: JournalConfig
+    routes: RouteTable
+    sinks: Mapping[str, SinkConfig]
+    plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+    def key_bytes(self) -> tuple[bytes, ...]:
+        return tuple(k.get_secret_value().encode() for k in self.auth.keys)
+
+
+def config_path(arg: str | None) -> Path:
+    """``--config``, else ``$WEBHOOK_ROUTER_CONFIG``, else ``/etc/webhook-router/config.yaml``."""
+    return Path(arg or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+_SINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def load_config(
+    path: Path, *, environ: Mapping[str, str] | None = None, entry_points: bool = True
+) -> Config:
+    """Load and validate a configuration file; raise ``ConfigError`` listing every problem."""
+    path = path.absolute()
+    src = yamlsource.load(path, environ)
+    if src.problems:
+        raise ConfigError(src.problems)
+    if not isinstance(src.data, dict):
+        src.problem((), "the configuration must be a mapping of sections")
+        raise ConfigError(src.problems)
+    context = {"base_dir": path.parent}
+
+    pm = _plugin_manager(src, entry_points)
+    types, type_problems = plugins.sink_types(pm)
+    for text in type_problems:
+        src.problem(("plugins",), text)
+
+    doc: _Document | None = None
+    try:
+        doc = _Document.model_validate(src.data, context=context)
+    except ValidationError as e:
+        _report(src, (), e, _CORE_MODELS)
+
+    sinks: dict[str, SinkConfig] = {}
+    raw_sinks = src.data.get("sinks")
+    if isinstance(raw_sinks, dict):
+        for name, raw in raw_sinks.items():
+            sink = _sink(src, name, raw, types, context)
+            if sink is not None:
+                sinks[name] = sink
+
+    if doc is None or src.problems:
+        raise ConfigError(src.problems)
+    table = RouteTable(
+        tuple(Route(as_tuple(r.match), as_tuple(r.to)) for r in doc.routes), as_tuple(doc.default)
+    )
+    _check_routes(src, table, raw_sinks or {})
+    if src.problems:
+        raise ConfigError(src.problems)
+    return Config(
+        file=path,
+        server=doc.server,
+        auth=doc.auth,
+        journal=doc.journal,
+        routes=table,
+        sinks=sinks,
+        plugin_manager=pm,
+        warnings=tuple(src.warnings),
+    )
+
+
+def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:
+    try:
+        pm = plugins.new_manager(entry_points=entry_points)
+    except plugins.PluginLoadError as e:
+        src.problem((), str(e))
+        pm = plugins.new_manager(entry_points=False)
+    names = src.data.get("plugins") or []
+    if isinstance(names, list):
+        for i, spec in enumerate(names):
+            if isinstance(spec, str):
+                try:
+                    plugins.load_named(pm, spec, Path(src.file).parent)
+                except plugins.PluginLoadError as e:
+                    src.problem(("plugins", i), str(e))
+    return pm
+
+
+def _sink(
+    src: yamlsource.Source,
+    name: str,
+    raw: Any,
+    types: Mapping[str, type[Sink[Any]]],
+    context: dict[str, Any],
+) -> SinkConfig | None:
+    path: yamlsource.KeyPath = ("sinks", name)
+    if not _SINK_NAME.match(name):
+        src.problem(path, "sink names are 1-64 letters, digits, '_', '.', '-'")
+    if not isinstance(raw, dict):
+        return None  # reported by the document model
+    type_name = raw.get("type")
+    cls = types.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        known = ", ".join(sorted(types)) or "none"
+        if "type" not in raw:
+            src.problem(path, f"missing key 'type' (one of: {known})")
+        else:
+            src.problem((*path, "type"), f"unknown sink type {type_name!r} (known: {known})")
+    common: SinkCommon | None = None
+    try:
+        common = SinkCommon.model_validate(
+            {k: v for k, v in raw.items() if k in COMMON_KEYS}, context=context
+        )
+    except ValidationError as e:
+        _report(src, path, e, {(): SinkCommon, ("retry",): RetryPolicy})
+    if cls is None:
+        return None
+    options: SinkOptions | None = None
+    try:
+        options = cls.Options.model_validate(
+            {k: v for k, v in raw.items() if k not in COMMON_KEYS}, context=context
+        )
+    except ValidationError as e:
+        _report(src, path, e, {(): cls.Options}, extra_allowed=COMMON_KEYS)
+    if common is None or options is None:
+        return None
+    return SinkConfig(
+        name=name,
+        type=cls.type,
+        cls=cls,
+        options=options,
+        retry=common.retry,
+        timeout=common.timeout,
+        concurrency=common.concurrency or cls.default_concurrency,
+        batch_size=common.batch_size or cls.default_batch_size,
+    )
+
+
+def _check_routes(src: yamlsource.Source, table: RouteTable, sinks: Mapping[str, Any]) -> None:
+    for i, route in enumerate(table.routes):
+        for name in route.to:
+            if name not in sinks:
+                src.problem(("routes", i, "to"), f"route sends to unknown sink {name!r}")
+    for name in table.default:
+        if name not in sinks:
+            src.problem(("default",), f"default sends to unknown sink {name!r}")
+
+
+_MESSAGES = {
+    "missing": "required key is missing",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+}
+_CORE_MODELS: dict[yamlsource.KeyPath, type[BaseModel]] = {
+    (): _Document,
+    ("server",): ServerConfig,
+    ("auth",): AuthConfig,
+    ("journal",): JournalConfig,
+    ("routes", 0): RouteConfig,
+}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|[a-z]+\[.*\]|function-.*)$")
+
+
+def _report(
+    src: yamlsource.Source,
+    prefix: yamlsource.KeyPath,
+    error: ValidationError,
+    models: Mapping[yamlsource.KeyPath, type[BaseModel]],
+    extra_allowed: frozenset[str] = frozenset(),
+) -> None:
+    """Turn pydantic's errors into problems naming key path and line; a union's alternatives
+    at one path are merged into one problem."""
+    found: dict[yamlsource.KeyPath, list[str]] = {}
+    for item in error.errors(include_url=False, include_input=False):
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        if item["type"] == "extra_forbidden":
+            parent = tuple(0 if isinstance(p, int) else p for p in loc[:-1])
+            model = models.get(parent)
+            names = sorted(extra_allowed | set(model.model_fields)) if model else []
+            text = f"unknown key (allowed: {', '.join(names)})" if names else "unknown key"
+        else:
+            text = _MESSAGES.get(item["type"], item["msg"].removeprefix("Value error, "))
+        texts = found.setdefault((*prefix, *loc), [])
+        if text not in texts:
+            texts.append(text)
+    for path, texts in found.items():
+        src.problem(path, " or ".join(texts).replace(" or expected ", " or "))

@@ -1,0 +1,439 @@
+"""The journal: the durable store that is the router's source of truth.
+
+SQLite in WAL mode with ``synchronous=FULL``: a commit returns only after the write-ahead log is
+fsync'd. All writes go through one writer thread that drains whatever is queued and commits it
+as one transaction (group commit), so concurrent requests share one fsync. Each job runs inside
+its own savepoint: a job that fails is rolled back alone, while a failed commit fails every job
+in the batch (nothing half-stored). Reads run in worker threads on their own connections, which
+WAL lets proceed beside the writer.
+
+Tables: ``messages`` holds each message once (raw body bytes verbatim, the meta fields, receive
+time, a duplicate counter); ``deliveries`` holds one row per (message, sink), created in the same
+transaction as the message from the routes in force at that moment, with its state, attempt count
+and persisted next-attempt time. A pending delivery is resumed after any restart.
+
+Bodies live in the ``body`` column; ``body_file`` is reserved for bodies stored beside the
+database (large bodies streamed to disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio.to_thread
+
+from router.errors import JournalUnavailable
+from router.message import Message
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    "when" TEXT,
+    request_id TEXT,
+    received_at REAL NOT NULL,
+    body BLOB,
+    body_file TEXT,
+    body_size INTEGER NOT NULL,
+    routed INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    last_duplicate_at REAL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    sink TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (seq, sink)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (sink, next_attempt_at, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS messages_unrouted ON messages (seq) WHERE routed = 0;
+"""
+
+DeliveryState = Literal["pending", "delivered", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What ``Journal.append`` did: ``seq`` is the message's row; ``duplicate`` means the
+    message id was already stored, so nothing new will be delivered."""
+
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A pending delivery that is due: message row and the attempts made so far."""
+
+    seq: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The new state of one delivery after an attempt."""
+
+    seq: int
+    sink: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkCounts:
+    pending: int
+    retrying: int
+    dead: int
+    delivered: int
+    oldest_pending_at: float | None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class _Job:
+    __slots__ = ("error", "fn", "future", "loop", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def settle(self) -> None:
+        self.loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        if self.future.done():  # the waiting request was cancelled
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.result)
+
+
+class Journal:
+    """The durable message and delivery store. Open with ``await journal.open()``."""
+
+    max_batch = 1024
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "journal.sqlite3"
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self.healthy = False
+        self.last_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._open_sync)
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._writer.start()
+
+    def _open_sync(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = _connect(self.path)
+            self.path.chmod(0o600)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalUnavailable(
+                    f"journal {self.path} has schema {version}, newer than this version "
+                    f"understands ({SCHEMA_VERSION}): upgrade webhook-router"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise JournalUnavailable(f"journal {self.path} is damaged: {check}")
+        except sqlite3.Error as e:
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}") from e
+        self._conn = conn
+        self.healthy = True
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(None)
+            await anyio.to_thread.run_sync(self._writer.join)
+            self._writer = None
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
+        if hasattr(self, "_conn"):
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("journal checkpoint at close failed: %s", e)
+            self._conn.close()
+            del self._conn
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            jobs = [first]
+            stop = False
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            self._commit(conn, jobs)
+            if stop:
+                return
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO job")
+                    job.error = e if isinstance(e, JournalUnavailable) else JournalUnavailable(
+                        f"journal write failed: {e}"
+                    )
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+            self.healthy = True
+            self.last_error = None
+        except sqlite3.Error as e:
+            self.healthy = False
+            self.last_error = str(e)
+            log.error("journal commit failed, %d writes refused: %s", len(jobs), e)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for job in jobs:
+                job.error = JournalUnavailable(f"journal commit failed: {e}")
+        for job in jobs:
+            job.settle()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._writer is None:
+            raise JournalUnavailable("journal is not open")
+        job = _Job(fn)
+        self._jobs.put(job)
+        return await job.future
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as e:
+                raise JournalUnavailable(f"journal read failed: {e}") from e
+
+        return await anyio.to_thread.run_sync(run)
+
+    # -- the operations --------------------------------------------------------------------
+
+    async def append(self, message: Message, sinks: Sequence[str]) -> Appended:
+        """Store a message and its pending deliveries; return once durable.
+
+        A message id already stored is counted as a duplicate and creates no delivery.
+        """
+
+        def write(conn: sqlite3.Connection) -> Appended:
+            seq, duplicates = conn.execute(
+                """INSERT INTO messages (message_id, type, "when", request_id, received_at,
+                       body, body_size, routed)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (message_id) DO UPDATE
+                       SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
+                   RETURNING seq, duplicates""",
+                (
+                    message.message_id,
+                    message.type,
+                    message.when,
+                    message.request_id,
+                    message.received_at,
+                    message.body,
+                    len(message.body),
+                    1 if sinks else 0,
+                ),
+            ).fetchone()
+            if duplicates:
+                return Appended(seq, duplicate=True)
+            conn.executemany(
+                "INSERT INTO deliveries (seq, sink, state, next_attempt_at, updated_at)"
+                " VALUES (?, ?, 'pending', ?, ?)",
+                [(seq, sink, message.received_at, message.received_at) for sink in sinks],
+            )
+            return Appended(seq, duplicate=False)
+
+        result: Appended = await self._write(write)
+        return result
+
+    async def record(self, outcomes: Iterable[Outcome]) -> None:
+        """Store the result of delivery attempts."""
+        now = time.time()
+        rows = [
+            (o.state, o.attempts, o.next_attempt_at, o.error, now, o.seq, o.sink) for o in outcomes
+        ]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?,"
+                " last_error = ?, updated_at = ? WHERE seq = ? AND sink = ?",
+                rows,
+            )
+
+        await self._write(write)
+
+    async def dead_letter_sinks_not_in(self, sinks: Collection[str], reason: str) -> dict[str, int]:
+        """Dead-letter pending deliveries to sinks that are no longer configured."""
+        names = sorted(sinks)
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> dict[str, int]:
+            marks = ",".join("?" * len(names))
+            found = dict(
+                conn.execute(
+                    f"SELECT sink, count(*) FROM deliveries WHERE state = 'pending'"  # noqa: S608
+                    f" AND sink NOT IN ({marks}) GROUP BY sink",
+                    names,
+                ).fetchall()
+            )
+            conn.execute(
+                f"UPDATE deliveries SET state = 'dead', last_error = ?, updated_at = ?"  # noqa: S608
+                f" WHERE state = 'pending' AND sink NOT IN ({marks})",
+                [reason, now, *names],
+            )
+            return found
+
+        result: dict[str, int] = await self._write(write)
+        return result
+
+    async def due(self, sink: str, now: float, limit: int, exclude: Collection[int]) -> list[Due]:
+        """Pending deliveries to ``sink`` due at ``now``, oldest first, skipping ``exclude``."""
+
+        def read(conn: sqlite3.Connection) -> list[Due]:
+            rows = conn.execute(
+                "SELECT seq, attempts FROM deliveries WHERE sink = ? AND state = 'pending'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+                (sink, now, limit + len(exclude)),
+            ).fetchall()
+            return [Due(seq, attempts) for seq, attempts in rows if seq not in exclude][:limit]
+
+        result: list[Due] = await self._read(read)
+        return result
+
+    async def next_due_at(self, sink: str, exclude: Collection[int]) -> float | None:
+        """When the earliest pending delivery to ``sink`` outside ``exclude`` falls due."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            rows = conn.execute(
+                "SELECT seq, next_attempt_at FROM deliveries WHERE sink = ? AND state = 'pending'"
+                " ORDER BY next_attempt_at, seq LIMIT ?",
+                (sink, len(exclude) + 1),
+            ).fetchall()
+            return next((at for seq, at in rows if seq not in exclude), None)
+
+        result: float | None = await self._read(read)
+        return result
+
+    async def messages(self, seqs: Sequence[int]) -> dict[int, Message]:
+        """Load messages (with bodies) by row."""
+
+        def read(conn: sqlite3.Connection) -> dict[int, Message]:
+            marks = ",".join("?" * len(seqs))
+            rows = conn.execute(
+                f"""SELECT seq, message_id, type, "when", request_id, received_at, body,
+                           body_file
+                    FROM messages WHERE seq IN ({marks})""",  # noqa: S608
+                list(seqs),
+            ).fetchall()
+            found = {}
+            for seq, mid, type_, when, request_id, received_at, body, body_file in rows:
+                if body is None and body_file is not None:
+                    body = (self.directory / body_file).read_bytes()
+                found[seq] = Message(mid, type_, when, bytes(body), received_at, request_id)
+            return found
+
+        result: dict[int, Message] = await self._read(read)
+        return result
+
+    async def sink_counts(self) -> dict[str, SinkCounts]:
+        """Delivery counts per sink (for status and metrics)."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
+            rows = conn.execute(
+                """SELECT sink,
+                          sum(state = 'pending' AND attempts = 0),
+                          sum(state = 'pending' AND attempts > 0),
+                          sum(state = 'dead'),
+                          sum(state = 'delivered'),
+                          min(CASE WHEN state = 'pending' THEN m.received_at END)
+                   FROM deliveries JOIN messages m USING (seq) GROUP BY sink"""
+            ).fetchall()
+            return {row[0]: SinkCounts(*row[1:]) for row in rows}
+
+        result: dict[str, SinkCounts] = await self._read(read)
+        return result
+
+    async def unrouted_count(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute("SELECT count(*) FROM messages WHERE routed = 0").fetchone()[
+                0
+            ]
+            return count
+
+        result: int = await self._read(read)
+        return result
+
+    async def ping(self) -> None:
+        """Prove the journal can commit a transaction (for readiness)."""
+        await self._write(lambda conn: conn.execute("SELECT 1"))

@@ -1,0 +1,63 @@
+"""Hypercorn as a component: we bind the sockets, we own the shutdown trigger.
+
+Hypercorn has no anyio entry point, so the daemon runs on anyio's asyncio backend and calls
+hypercorn's asyncio worker with sockets bound beforehand (so binding errors surface before the
+daemon reports ready, and ``fd://N`` sockets from systemd or a test harness work) and with our
+own ``shutdown_trigger`` (so hypercorn installs no signal handlers of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+
+from router.config import ServerConfig
+
+
+def hypercorn_config(server: ServerConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = list(server.listen)
+    hc.graceful_timeout = server.graceful_timeout
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.include_server_header = False
+    hc.keep_alive_timeout = 75  # above common proxy idle timeouts
+    hc.backlog = 1024
+    return hc
+
+
+def bind(hc: HypercornConfig) -> Sockets:
+    """Bind (or adopt, for ``fd://``) the listening sockets. Raises ``OSError`` on failure."""
+    return hc.create_sockets()
+
+
+def addresses(sockets: Sockets) -> list[str]:
+    out = []
+    for sock in sockets.insecure_sockets:
+        name = sock.getsockname()
+        out.append(f"http://{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
+    return out
+
+
+async def serve(
+    app: Callable[..., Awaitable[None]],
+    hc: HypercornConfig,
+    sockets: Sockets,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+) -> None:
+    """Serve until ``shutdown_trigger`` returns, then stop accepting and let requests in flight
+    finish (up to ``graceful_timeout``).
+
+    Hypercorn's worker runs in a task of its own: on Python 3.11 the ``asyncio.TaskGroup`` it
+    uses leaves a stray cancellation request on the task that ran it (fixed in 3.12), which
+    would make our own cancel scopes re-raise at shutdown.
+    """
+    worker = worker_serve(ASGIWrapper(app), hc, sockets=sockets, shutdown_trigger=shutdown_trigger)
+    await asyncio.ensure_future(worker)
