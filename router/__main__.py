@@ -14,7 +14,7 @@ from pathlib import Path
 
 from router import __version__, logs
 from router.config import CONFIG_ENV, DEFAULT_CONFIG, Config, config_path, load_config
-from router.errors import ConfigError, JournalUnavailable
+from router.errors import ConfigError, JournalUnavailable, ListenError
 from router.routing import describe
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
@@ -31,17 +31,30 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", "-c", help=config_help)
-    serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     check = commands.add_parser("check", help="validate the configuration, print the routes")
     check.add_argument("--config", "-c", help=config_help)
+
+    send = commands.add_parser(
+        "send", help="post a signed test message, as Metriport would, and print the answer"
+    )
+    send.add_argument("--url", required=True, help="the router's webhook URL")
+    key = send.add_mutually_exclusive_group(required=True)
+    key.add_argument("--key", help="the webhook key to sign with")
+    key.add_argument("--key-env", metavar="NAME", help="read the key from this variable")
+    what = send.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", nargs="?", type=Path, help="a JSON body to send as it is")
+    what.add_argument("--type", help="generate an example message of this meta.type")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "send":
+        from router.send import send
+
+        return send(args.url, args.key, args.key_env, args.file, args.type)
     path = config_path(args.config)
     try:
         config = load_config(path)
@@ -98,14 +111,16 @@ def _serve(config: Config, log_level: str) -> int:
         log.warning(warning)
     try:
         anyio.run(app.serve, config, backend="asyncio")
-    except JournalUnavailable as e:
+    except (JournalUnavailable, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except OSError as e:
-        print(f"error: cannot listen on {', '.join(config.server.listen)}: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         pass
+    except Exception as e:
+        # Last resort: one line for the operator, never a traceback (which could quote data).
+        print(f"error: webhook-router stopped unexpectedly: {type(e).__name__}", file=sys.stderr)
+        log.critical("unexpected failure", exc_info=log.isEnabledFor(logging.DEBUG))
+        return EXIT_RUNTIME
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from router import server
 from router.auth import Verifier
 from router.config import Config
 from router.dispatcher import Dispatcher
+from router.errors import ListenError
 from router.ingress import Ingress, Runtime
 from router.journal import Journal
 from router.logs import kv
@@ -32,12 +33,18 @@ log = logging.getLogger("router")
 DELIVERY_DRAIN_SECONDS = 5.0
 
 
-async def serve(config: Config, *, on_ready: Callable[[list[str]], None] | None = None) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+async def serve(
+    config: Config,
+    *,
+    stop: anyio.Event | None = None,
+    on_ready: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT, or until ``stop`` is set when one is given (then
+    no signal handlers are installed: that is how tests run it in-process)."""
     journal = Journal(config.journal.path)
     await journal.open()
     try:
-        await _serve(config, journal, on_ready)
+        await _serve(config, journal, stop, on_ready)
     finally:
         with anyio.CancelScope(shield=True):
             await journal.close()
@@ -45,11 +52,12 @@ async def serve(config: Config, *, on_ready: Callable[[list[str]], None] | None 
 
 
 async def _serve(
-    config: Config, journal: Journal, on_ready: Callable[[list[str]], None] | None
+    config: Config,
+    journal: Journal,
+    stop: anyio.Event | None,
+    on_ready: Callable[[list[str]], None] | None,
 ) -> None:
-    orphans = await journal.dead_letter_sinks_not_in(
-        config.sinks, "sink is no longer configured"
-    )
+    orphans = await journal.dead_letter_sinks_not_in(config.sinks, "sink is no longer configured")
     for sink, count in orphans.items():
         log.warning(kv("dead-letter", sink=sink, count=count, reason="sink no longer configured"))
     metrics = Metrics()
@@ -62,9 +70,11 @@ async def _serve(
         metrics=metrics,
     )
     hc = server.hypercorn_config(config.server)
-    sockets = server.bind(hc)
+    try:
+        sockets = server.bind(hc)
+    except (OSError, ValueError) as e:
+        raise ListenError(f"cannot listen on {', '.join(config.server.listen)}: {e}") from e
     listening = server.addresses(sockets)
-    stop = anyio.Event()
     dispatched = anyio.Event()
 
     async def dispatch() -> None:
@@ -74,10 +84,19 @@ async def _serve(
             dispatched.set()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, stop)
+        if stop is None:
+            stop = anyio.Event()
+            tg.start_soon(_watch_signals, stop)
         tg.start_soon(dispatch)
-        log.info(kv("listening", on=",".join(listening), path=config.server.path,
-                    sinks=",".join(config.sinks), journal=str(journal.path)))
+        log.info(
+            kv(
+                "listening",
+                on=",".join(listening),
+                path=config.server.path,
+                sinks=",".join(config.sinks),
+                journal=str(journal.path),
+            )
+        )
         notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
         if on_ready is not None:
             on_ready(listening)

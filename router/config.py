@@ -8,9 +8,10 @@ resolve against the configuration file's folder. Secrets are ``{env: NAME}`` or
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from router import plugins, yamlsource
-from router.errors import ConfigError, ConfigProblem
+from router.errors import ConfigError
 from router.routing import Route, RouteTable, as_tuple
 from router.sink import Sink, SinkOptions
 
@@ -88,10 +89,12 @@ class ServerConfig(_Strict):
     graceful_timeout: Duration = 10.0
 
 
+Scheme = Literal["signature", "key"]
+SCHEMES: tuple[Scheme, ...] = ("signature", "key")
+
+
 class AuthConfig(_Strict):
-    accept: list[Literal["signature", "key"]] = Field(
-        default_factory=lambda: ["signature", "key"], min_length=1
-    )
+    accept: list[Scheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
     keys: list[SecretStr] = Field(min_length=1)
 
 
@@ -140,7 +143,7 @@ class _Document(_Strict):
 class SinkConfig:
     name: str
     type: str
-    cls: type[Sink[Any]]
+    cls: builtins.type[Sink[Any]]
     options: SinkOptions
     retry: RetryPolicy
     timeout: float
@@ -176,9 +179,16 @@ _SINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def load_config(
-    path: Path, *, environ: Mapping[str, str] | None = None, entry_points: bool = True
+    path: Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    entry_points: bool = True,
+    extra_plugins: Sequence[object] = (),
 ) -> Config:
-    """Load and validate a configuration file; raise ``ConfigError`` listing every problem."""
+    """Load and validate a configuration file; raise ``ConfigError`` listing every problem.
+
+    ``extra_plugins`` are registered beside the configured ones (tests use it to add
+    throwaway plugins inline)."""
     path = path.absolute()
     src = yamlsource.load(path, environ)
     if src.problems:
@@ -189,6 +199,11 @@ def load_config(
     context = {"base_dir": path.parent}
 
     pm = _plugin_manager(src, entry_points)
+    for i, plugin in enumerate(extra_plugins):
+        try:
+            plugins.register(pm, plugin, f"extra-{i}-{getattr(plugin, '__name__', 'plugin')}")
+        except plugins.PluginLoadError as e:
+            src.problem((), str(e))
     types, type_problems = plugins.sink_types(pm)
     for text in type_problems:
         src.problem(("plugins",), text)

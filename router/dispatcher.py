@@ -175,8 +175,15 @@ class SinkRunner:
                 at = now + decision.delay
                 outcomes.append(Outcome(due.seq, self.name, "pending", attempts, at, text))
                 events.append(
-                    ("retry", {"message": message, "error": error, "text": text,
-                               "retry_in": decision.delay})
+                    (
+                        "retry",
+                        {
+                            "message": message,
+                            "error": error,
+                            "text": text,
+                            "retry_in": decision.delay,
+                        },
+                    )
                 )
         await self.journal.record(outcomes)
         self.last_error = None if not errors else describe_error(next(iter(errors.values())))
@@ -192,19 +199,29 @@ class SinkRunner:
                 self.metrics.delivery_seconds.labels(self.name).observe(time.time() - m.received_at)
                 log.info(kv("delivered", **fields, ms=round(duration * 1000, 1)))
                 await plugins.notify(
-                    self.pm, "router_message_delivered", message=m, sink=self.name,
+                    self.pm,
+                    "router_message_delivered",
+                    message=m,
+                    sink=self.name,
                     duration=duration,
                 )
             elif outcome == "retry":
                 log.warning(kv("retry", **fields, error=ev["text"], retry_in=ev["retry_in"]))
                 await plugins.notify(
-                    self.pm, "router_delivery_failed", message=m, sink=self.name,
-                    error=ev["error"], retry_in=ev["retry_in"],
+                    self.pm,
+                    "router_delivery_failed",
+                    message=m,
+                    sink=self.name,
+                    error=ev["error"],
+                    retry_in=ev["retry_in"],
                 )
             else:
                 log.error(kv("dead-letter", **fields, error=ev["text"]))
                 await plugins.notify(
-                    self.pm, "router_message_dead_lettered", message=m, sink=self.name,
+                    self.pm,
+                    "router_message_dead_lettered",
+                    message=m,
+                    sink=self.name,
                     error=ev["error"],
                 )
 

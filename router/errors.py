@@ -3,8 +3,9 @@
 The tree, and what each class makes the router do::
 
     RouterError                      base of everything raised on purpose
-    ├── ConfigError                  invalid configuration: `check`/`serve` exit 2, reload is refused
+    ├── ConfigError                  invalid configuration: ``check``/``serve`` exit 2
     ├── JournalUnavailable           the journal cannot store: the request is answered 503
+    ├── ListenError                  a listen address cannot be bound: ``serve`` exits 1
     └── SinkError                    raised by a sink's ``send``
         ├── RetryableError           try again later (after ``retry_after`` seconds if given,
         │                            else the sink's backoff policy); dead-letter once exhausted
@@ -49,6 +50,10 @@ class ConfigError(RouterError):
 
 class JournalUnavailable(RouterError):
     """The journal could not store or read: nothing was half-stored."""
+
+
+class ListenError(RouterError):
+    """A listen address could not be bound (in use, no permission, bad fd)."""
 
 
 class SinkError(RouterError):

@@ -150,7 +150,9 @@ class Ingress:
 
     async def _ready(self, rt: Runtime, send: Send) -> None:
         sinks = {
-            name: ("up" if r.opened and r.last_error is None else "degraded" if r.opened else "down")
+            name: (
+                "up" if r.opened and r.last_error is None else "degraded" if r.opened else "down"
+            )
             for name, r in rt.dispatcher.runners.items()
         }
         ready = rt.journal.healthy

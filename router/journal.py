@@ -19,6 +19,7 @@ database (large bodies streamed to disk).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -231,8 +232,10 @@ class Journal:
                     job.result = job.fn(conn)
                 except Exception as e:
                     conn.execute("ROLLBACK TO job")
-                    job.error = e if isinstance(e, JournalUnavailable) else JournalUnavailable(
-                        f"journal write failed: {e}"
+                    job.error = (
+                        e
+                        if isinstance(e, JournalUnavailable)
+                        else JournalUnavailable(f"journal write failed: {e}")
                     )
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
@@ -242,10 +245,8 @@ class Journal:
             self.healthy = False
             self.last_error = str(e)
             log.error("journal commit failed, %d writes refused: %s", len(jobs), e)
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             for job in jobs:
                 job.error = JournalUnavailable(f"journal commit failed: {e}")
         for job in jobs:

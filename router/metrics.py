@@ -49,7 +49,9 @@ class Metrics:
             registry=r,
         )
         self.sink_up = Gauge(
-            "webhook_router_sink_up", "1 when the sink opened and its last send worked.", ["sink"],
+            "webhook_router_sink_up",
+            "1 when the sink opened and its last send worked.",
+            ["sink"],
             registry=r,
         )
 

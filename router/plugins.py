@@ -115,7 +115,7 @@ def sink_types(pm: pluggy.PluginManager) -> tuple[dict[str, type[Sink[Any]]], li
         except Exception as e:
             problems.append(f"plugin {owner}: router_sink_types failed: {_short(e)}")
             continue
-        for cls in classes or ():
+        for cls in classes or ():  # type: ignore[attr-defined]
             name = getattr(cls, "type", None)
             if not (inspect.isclass(cls) and issubclass(cls, Sink) and isinstance(name, str)):
                 problems.append(f"plugin {owner}: {cls!r} is not a Sink subclass with a type name")

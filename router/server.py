@@ -34,8 +34,12 @@ def hypercorn_config(server: ServerConfig) -> HypercornConfig:
 
 
 def bind(hc: HypercornConfig) -> Sockets:
-    """Bind (or adopt, for ``fd://``) the listening sockets. Raises ``OSError`` on failure."""
-    return hc.create_sockets()
+    """Bind (or adopt, for ``fd://``) the listening sockets and start listening, so that
+    connections queue in the backlog from the moment we report ready. Raises ``OSError``."""
+    sockets = hc.create_sockets()
+    for sock in sockets.insecure_sockets:
+        sock.listen(hc.backlog)
+    return sockets
 
 
 def addresses(sockets: Sockets) -> list[str]:

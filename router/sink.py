@@ -17,6 +17,7 @@ and never calls ``send`` on one sink from more than ``concurrency`` tasks at onc
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -41,7 +42,7 @@ class Sink(Generic[OptionsT]):
     """Base class of every sink. Subclass, set ``type`` and ``Options``, implement ``send``."""
 
     type: ClassVar[str]
-    Options: ClassVar[type[SinkOptions]] = SinkOptions
+    Options: ClassVar[builtins.type[SinkOptions]] = SinkOptions
     #: Defaults for the router-level options ``batch_size`` and ``concurrency``.
     default_batch_size: ClassVar[int] = 1
     default_concurrency: ClassVar[int] = 1

@@ -104,8 +104,8 @@ class _Builder:
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> Any:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                self.source.problem(path, "keys must be plain strings (no merge keys or complex keys)")
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                self.source.problem(path, "keys must be plain strings (no merge or complex keys)")
                 continue
             key = str(key_node.value)
             key_path = (*path, key)
@@ -120,7 +120,7 @@ class _Builder:
         return out
 
     def _secret(self, ref: dict[str, Any], path: KeyPath) -> str | None:
-        (kind, name), = ref.items()
+        ((kind, name),) = ref.items()
         if not isinstance(name, str) or not name:
             self.source.problem((*path, kind), f"{{{kind}: ...}} needs a non-empty string")
             return None
