@@ -8,10 +8,10 @@ Options::
     mode: 0o600                    # permissions of files it creates (directories get 0o700)
 
 ``envelope`` lines are ``{"messageId":…,"type":…,"when":…,"receivedAt":…,"body":<body>}`` with
-the received body embedded byte for byte as the last value. ``raw`` lines are the body bytes
-themselves. A body's line breaks (legal only as whitespace between JSON tokens) are written as
-spaces so that each message stays on one line; Metriport sends compact JSON, whose bytes are
-kept exactly.
+the received body embedded byte for byte as the last value (less a leading UTF-8 BOM, which
+is not JSON). ``raw`` lines are the body bytes themselves. A body's line breaks (legal only as
+whitespace between JSON tokens) are written as spaces so that each message stays on one line;
+Metriport sends compact JSON, whose bytes are kept exactly.
 
 Placeholder values come from the sender, so they are made safe for a file name: characters
 other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, and a value cannot be ``.`` or
@@ -94,6 +94,8 @@ class FileSink(Sink[FileOptions]):
             body = body.replace(b"\r", b" ").replace(b"\n", b" ")
         if self.options.format == "raw":
             return body + b"\n"
+        # A BOM (accepted by parse) is not JSON whitespace: inside the envelope it would break it.
+        body = body.removeprefix(b"\xef\xbb\xbf")
         head = json.dumps(
             {
                 "messageId": message.message_id,
@@ -131,9 +133,15 @@ class FileSink(Sink[FileOptions]):
 
     def _append(self, path: Path, data: bytes) -> None:
         """Append ``data`` whole or not at all: a failed write is cut back off the file."""
-        new_dir = not path.parent.exists()
-        if new_dir:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Create each missing level with 0o700 (mkdir(parents=True) would give the upper ones
+        # the default permissions), outermost first.
+        new_dirs: list[Path] = []
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            new_dirs.append(parent)
+            parent = parent.parent
+        for directory in reversed(new_dirs):
+            directory.mkdir(mode=0o700, exist_ok=True)
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.options.mode)
         try:
@@ -149,10 +157,10 @@ class FileSink(Sink[FileOptions]):
                 raise
         finally:
             os.close(fd)
-        if self.options.fsync and (created or new_dir):
+        if self.options.fsync and (created or new_dirs):
             _fsync_dir(path.parent)
-            if new_dir:
-                _fsync_dir(path.parent.parent)
+            for directory in new_dirs:
+                _fsync_dir(directory.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -102,9 +102,26 @@ class JournalConfig(_Strict):
     path: ConfigPath = Path("var/journal")
 
 
+def _one_or_many(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("expected a name or a list of names")
+    return value
+
+
+#: One name or a list of names (never empty).
+_Names = Annotated[
+    list[Annotated[str, Field(min_length=1)]], BeforeValidator(_one_or_many), Field(min_length=1)
+]
+
+
 class RouteConfig(_Strict):
-    match: str | list[str]
-    to: str | list[str]
+    """A route names at least one pattern and one sink: a type that should go nowhere is
+    simply left unrouted (kept and counted), so an empty route has no meaning."""
+
+    match: _Names
+    to: _Names
 
 
 class RetryPolicy(_Strict):
@@ -134,7 +151,7 @@ class _Document(_Strict):
     auth: AuthConfig
     journal: JournalConfig = JournalConfig()
     routes: list[RouteConfig] = Field(default_factory=list)
-    default: str | list[str] = Field(default_factory=list)
+    default: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = Field(min_length=1)
     plugins: list[str] = Field(default_factory=list)
 
@@ -191,7 +208,7 @@ def load_config(
     throwaway plugins inline)."""
     path = path.absolute()
     src = yamlsource.load(path, environ)
-    if src.problems:
+    if src.data is None:  # unreadable, or not YAML: nothing more to check
         raise ConfigError(src.problems)
     if not isinstance(src.data, dict):
         src.problem((), "the configuration must be a mapping of sections")
@@ -222,7 +239,7 @@ def load_config(
             if sink is not None:
                 sinks[name] = sink
 
-    if doc is None or src.problems:
+    if doc is None:
         raise ConfigError(src.problems)
     table = RouteTable(
         tuple(Route(as_tuple(r.match), as_tuple(r.to)) for r in doc.routes), as_tuple(doc.default)
@@ -280,10 +297,10 @@ def _sink(
         else:
             src.problem((*path, "type"), f"unknown sink type {type_name!r} (known: {known})")
     common: SinkCommon | None = None
+    common_raw = {k: v for k, v in raw.items() if k in COMMON_KEYS}
+    common_raw.setdefault("type", "")  # a missing type is reported above, once
     try:
-        common = SinkCommon.model_validate(
-            {k: v for k, v in raw.items() if k in COMMON_KEYS}, context=context
-        )
+        common = SinkCommon.model_validate(common_raw, context=context)
     except ValidationError as e:
         _report(src, path, e, {(): SinkCommon, ("retry",): RetryPolicy})
     if cls is None:
@@ -329,6 +346,8 @@ _MESSAGES = {
     "list_type": "expected a list",
     "dict_type": "expected a mapping",
     "model_type": "expected a mapping",
+    "too_short": "must not be empty",
+    "string_too_short": "must not be empty",
 }
 _CORE_MODELS: dict[yamlsource.KeyPath, type[BaseModel]] = {
     (): _Document,
@@ -350,8 +369,11 @@ def _report(
     """Turn pydantic's errors into problems naming key path and line; a union's alternatives
     at one path are merged into one problem."""
     found: dict[yamlsource.KeyPath, list[str]] = {}
-    for item in error.errors(include_url=False, include_input=False):
+    reported = {p.path for p in src.problems}
+    for item in error.errors(include_url=False):
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        if item.get("input") is None and yamlsource.dotted((*prefix, *loc)) in reported:
+            continue  # a value dropped while loading (e.g. a missing secret): reported already
         if item["type"] == "extra_forbidden":
             parent = tuple(0 if isinstance(p, int) else p for p in loc[:-1])
             model = models.get(parent)

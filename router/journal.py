@@ -128,7 +128,9 @@ class _Job:
         self.error: BaseException | None = None
 
     def settle(self) -> None:
-        self.loop.call_soon_threadsafe(self._settle)
+        # The loop may be gone if the daemon is shutting down: nobody waits for the answer.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle)
 
     def _settle(self) -> None:
         if self.future.done():  # the waiting request was cancelled
@@ -166,6 +168,9 @@ class Journal:
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = _connect(self.path)
+        except (sqlite3.Error, OSError) as e:
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}") from e
+        try:
             self.path.chmod(0o600)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -178,7 +183,10 @@ class Journal:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise JournalUnavailable(f"journal {self.path} is damaged: {check}")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError, JournalUnavailable) as e:
+            conn.close()
+            if isinstance(e, JournalUnavailable):
+                raise
             raise JournalUnavailable(f"cannot open journal {self.path}: {e}") from e
         self._conn = conn
         self.healthy = True
@@ -192,6 +200,7 @@ class Journal:
             for reader in self._readers:
                 reader.close()
             self._readers.clear()
+        self._local = threading.local()
         if hasattr(self, "_conn"):
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -219,7 +228,14 @@ class Journal:
                     stop = True
                     break
                 jobs.append(job)
-            self._commit(conn, jobs)
+            try:
+                self._commit(conn, jobs)
+            except BaseException as e:  # never let the writer die: later writes would hang
+                log.critical("journal writer failed: %s", type(e).__name__)
+                for job in jobs:
+                    if job.error is None:
+                        job.error = JournalUnavailable(f"journal writer failed: {type(e).__name__}")
+                    job.settle()
             if stop:
                 return
 

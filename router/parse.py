@@ -38,13 +38,17 @@ def _reject_constant(name: str) -> Any:
 
 def parse(body: bytes) -> Parsed:
     try:
-        doc = json.loads(body, parse_constant=_reject_constant)
+        # Decoded here, strictly: json.loads would also accept UTF-16 and UTF-32 bodies and
+        # UTF-8-encoded surrogates, which no sink can embed in a UTF-8 line.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadMessage("body is not UTF-8") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
     except BadMessage:
         raise
     except RecursionError:
         raise BadMessage("body is not valid JSON: nested too deeply") from None
-    except UnicodeDecodeError:
-        raise BadMessage("body is not UTF-8") from None
     except ValueError as e:
         # JSONDecodeError's text names a position, never content.
         raise BadMessage(f"body is not valid JSON: {e}") from None

@@ -59,6 +59,29 @@ def register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
         raise PluginLoadError(_validation_message(e)) from e
+    undecorated = sorted(_undecorated_hooks(pm, plugin))
+    if undecorated:
+        pm.unregister(plugin)
+        raise PluginLoadError(
+            f"plugin {name}: {', '.join(undecorated)} look like hooks but are not decorated"
+            " with @router.hookimpl (or are misspelt): they would never be called"
+        )
+
+
+def _undecorated_hooks(pm: pluggy.PluginManager, plugin: object) -> set[str]:
+    """``router_*`` functions of a plugin that pluggy did not register as hook implementations
+    (a forgotten ``@hookimpl``, which pluggy silently ignores)."""
+    registered = {impl.function.__name__ for impl in _impls_of(pm, plugin)}
+    return {
+        attr
+        for attr in dir(plugin)
+        if attr.startswith("router_") and callable(getattr(plugin, attr, None))
+    } - registered
+
+
+def _impls_of(pm: pluggy.PluginManager, plugin: object) -> list[pluggy.HookImpl]:
+    callers = pm.get_hookcallers(plugin) or []
+    return [impl for caller in callers for impl in caller.get_hookimpls() if impl.plugin is plugin]
 
 
 def _validation_message(e: Exception) -> str:

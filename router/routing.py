@@ -56,7 +56,9 @@ def route(table: RouteTable, type_: str) -> tuple[str, ...]:
         if any(matches(p, type_) for p in r.match):
             chosen.update(dict.fromkeys(r.to))
     if not chosen:
-        return table.default
+        # Each sink once here too: a sink listed twice would get two deliveries (a journal
+        # conflict that refused every message the default takes).
+        return tuple(dict.fromkeys(table.default))
     return tuple(chosen)
 
 

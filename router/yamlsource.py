@@ -68,7 +68,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Source:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
-        reason = " ".join(str(x) for x in (e.context, e.problem) if x)
+        reason = ": ".join(str(x) for x in (e.context, e.problem) if x)
         source.problems.append(ConfigProblem(str(path), line, "", f"invalid YAML: {reason}"))
         return source
     except yaml.YAMLError as e:

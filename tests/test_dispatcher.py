@@ -1,0 +1,524 @@
+"""Delivery end to end: the real server on a loopback port, the real journal, throwaway sinks.
+
+Each test defines its sink classes inline and registers them through the same hook every sink
+plugin uses. Tests wait on the router's observer hooks (``Recorder``) or on events the sinks
+set; what was delivered exactly once is checked after the router has shut down, against the
+sinks' own records and the journal file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from router import (
+    Message,
+    PermanentError,
+    RetryableError,
+    SendResult,
+    Sink,
+    SinkOptions,
+    hookimpl,
+)
+from router.config import Config
+from router.journal import Journal
+from router.testing import Recorder, body_for, eventually, running_router, sign
+from tests.conftest import TEST_KEY
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"initial": "10ms", "max": "20ms"}
+
+
+class SinkPlugin:
+    """A throwaway plugin providing the given sink classes."""
+
+    __name__ = "test-sinks"
+
+    def __init__(self, *classes: type[Sink[Any]]) -> None:
+        self.classes = list(classes)
+
+    @hookimpl
+    def router_sink_types(self) -> list[type[Sink[Any]]]:
+        return self.classes
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+    return await client.post(
+        url,
+        content=body,
+        headers={"x-metriport-signature": sign(body, TEST_KEY), "content-type": "application/json"},
+    )
+
+
+def deliveries(config: Config) -> list[tuple[str, str, str, int, str | None]]:
+    """(message id, sink, state, attempts, last error) rows of the journal file."""
+    conn = sqlite3.connect(config.journal.path / "journal.sqlite3")
+    try:
+        return conn.execute(
+            "SELECT m.message_id, d.sink, d.state, d.attempts, d.last_error"
+            " FROM deliveries d JOIN messages m USING (seq) ORDER BY m.seq, d.sink"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def recording_sink(type_name: str, log: list[tuple[str, str, int]]) -> type[Sink[Any]]:
+    """A sink type that accepts everything, logging (sink name, message id, attempt)."""
+
+    class Recording(Sink[SinkOptions]):
+        type = type_name
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            log.extend((self.name, m.message_id, m.attempt) for m in batch)
+            return None
+
+    return Recording
+
+
+async def test_retryable_errors_are_retried_until_delivered_once(
+    make_config: Callable[..., Config],
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Flaky(Sink[SinkOptions]):
+        type = "flaky"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            calls.extend((m.message_id, m.attempt) for m in batch)
+            if len(calls) <= 3:
+                raise RetryableError(f"not yet ({len(calls)})")
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Flaky), recorder),
+        default=["flaky"],
+        sinks={"flaky": {"type": "flaky", "retry": FAST}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        r = await post(client, router.webhook_url, body_for("patient.admit", "m-1"))
+        assert (r.status_code, r.content) == (200, b"")
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+
+    assert calls == [("m-1", 1), ("m-1", 2), ("m-1", 3), ("m-1", 4)]
+    assert recorder.failed == [("m-1", "flaky", "RetryableError")] * 3
+    assert recorder.delivered == [("m-1", "flaky", 4)]
+    assert recorder.dead == []
+    assert deliveries(config) == [("m-1", "flaky", "delivered", 4, None)]
+
+
+async def test_permanent_error_dead_letters_at_once(make_config: Callable[..., Config]) -> None:
+    calls: list[str] = []
+
+    class Refusing(Sink[SinkOptions]):
+        type = "refusing"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            calls.extend(m.message_id for m in batch)
+            raise PermanentError("HTTP 422: schema mismatch")
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Refusing), recorder),
+        default=["refusing"],
+        sinks={"refusing": {"type": "refusing", "retry": FAST}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.dead) == 1)
+
+    assert calls == ["m-1"]
+    assert recorder.dead == [("m-1", "refusing", "PermanentError")]
+    assert recorder.failed == []
+    assert recorder.delivered == []
+    assert deliveries(config) == [
+        ("m-1", "refusing", "dead", 1, "PermanentError: HTTP 422: schema mismatch")
+    ]
+
+
+async def test_exhausting_max_attempts_dead_letters(make_config: Callable[..., Config]) -> None:
+    calls: list[int] = []
+
+    class Down(Sink[SinkOptions]):
+        type = "down"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            calls.extend(m.attempt for m in batch)
+            raise RetryableError("connection refused")
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Down), recorder),
+        default=["down"],
+        sinks={"down": {"type": "down", "retry": {**FAST, "max_attempts": 3}}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.dead) == 1)
+
+    assert calls == [1, 2, 3]
+    assert recorder.failed == [("m-1", "down", "RetryableError")] * 2
+    assert recorder.dead == [("m-1", "down", "RetryableError")]
+    assert deliveries(config) == [("m-1", "down", "dead", 3, "RetryableError: connection refused")]
+
+
+async def test_a_hanging_sink_does_not_delay_another(make_config: Callable[..., Config]) -> None:
+    entered = anyio.Event()
+    release = anyio.Event()
+    hung: list[str] = []
+    received: list[tuple[str, str, int]] = []
+
+    class Hanging(Sink[SinkOptions]):
+        type = "hanging"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            entered.set()
+            await release.wait()  # hangs until the test has seen the other sink deliver
+            hung.extend(m.message_id for m in batch)
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Hanging, recording_sink("quick", received)), recorder),
+        default=["slow", "fast"],
+        sinks={"slow": {"type": "hanging"}, "fast": {"type": "quick"}},
+    )
+    ids = [f"m-{i}" for i in range(5)]
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for mid in ids:
+            assert (
+                await post(client, router.webhook_url, body_for(message_id=mid))
+            ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered_to("fast")) == len(ids))
+        assert entered.is_set()
+        assert hung == []  # the slow sink is still stuck in its first send
+        assert sorted(mid for _, mid, _ in received) == ids
+        release.set()
+        await recorder.wait_for(lambda r: len(r.delivered_to("slow")) == len(ids))
+
+    assert sorted(hung) == ids
+    assert all(state == "delivered" for _, _, state, _, _ in deliveries(config))
+
+
+async def test_a_send_that_times_out_is_retried(make_config: Callable[..., Config]) -> None:
+    attempts: list[int] = []
+
+    class Sluggish(Sink[SinkOptions]):
+        type = "sluggish"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            attempts.extend(m.attempt for m in batch)
+            if len(attempts) == 1:
+                await anyio.Event().wait()  # never returns: only the timeout ends it
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Sluggish), recorder),
+        default=["sluggish"],
+        sinks={"sluggish": {"type": "sluggish", "timeout": "50ms", "retry": FAST}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+
+    assert attempts == [1, 2]
+    assert recorder.failed == [("m-1", "sluggish", "TimeoutError")]
+    assert recorder.delivered == [("m-1", "sluggish", 2)]
+    assert deliveries(config) == [("m-1", "sluggish", "delivered", 2, None)]
+
+
+async def test_a_batch_partial_failure_retries_only_the_failed(
+    make_config: Callable[..., Config],
+) -> None:
+    may_open = anyio.Event()
+    batches: list[list[tuple[str, int]]] = []
+    bad = {"m-1", "m-4"}
+
+    class Batching(Sink[SinkOptions]):
+        type = "batching"
+
+        async def open(self) -> None:
+            await may_open.wait()  # hold deliveries back until every message is journaled
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            batches.append([(m.message_id, m.attempt) for m in batch])
+            return {
+                m.message_id: RetryableError("rejected by peer")
+                for m in batch
+                if m.message_id in bad and m.attempt == 1
+            }
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Batching), recorder),
+        default=["batching"],
+        sinks={"batching": {"type": "batching", "batch_size": 10, "retry": FAST}},
+    )
+    ids = [f"m-{i}" for i in range(6)]
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for mid in ids:
+            assert (
+                await post(client, router.webhook_url, body_for(message_id=mid))
+            ).status_code == 200
+        may_open.set()
+        await recorder.wait_for(lambda r: len(r.delivered) == len(ids))
+
+    assert sorted(batches[0]) == [(mid, 1) for mid in ids]  # one batch of all six
+    later = sorted(item for batch in batches[1:] for item in batch)
+    assert later == [("m-1", 2), ("m-4", 2)]
+    assert sorted(recorder.failed) == [
+        ("m-1", "batching", "RetryableError"),
+        ("m-4", "batching", "RetryableError"),
+    ]
+    assert sorted(recorder.delivered) == sorted(
+        (mid, "batching", 2 if mid in bad else 1) for mid in ids
+    )
+    assert sorted((mid, state, n) for mid, _, state, n, _ in deliveries(config)) == sorted(
+        (mid, "delivered", 2 if mid in bad else 1) for mid in ids
+    )
+
+
+async def test_an_unexpected_exception_in_send_is_retried_not_lost(
+    make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    attempts: list[int] = []
+
+    class Kaboom(Exception):
+        pass
+
+    class Buggy(Sink[SinkOptions]):
+        type = "buggy"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            attempts.extend(m.attempt for m in batch)
+            if len(attempts) == 1:
+                raise Kaboom("bug in sink while handling patient Jane Doe")
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Buggy), recorder),
+        default=["buggy"],
+        sinks={"buggy": {"type": "buggy", "retry": FAST}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+
+    assert attempts == [1, 2]
+    assert recorder.failed == [("m-1", "buggy", "Kaboom")]
+    assert recorder.delivered == [("m-1", "buggy", 2)]
+    assert deliveries(config) == [("m-1", "buggy", "delivered", 2, None)]
+    # The retry is logged with the exception's class; its text may quote data and is not.
+    assert "Kaboom" in caplog.text
+    assert "Jane" not in caplog.text
+
+
+async def test_fan_out_reaches_each_sink_exactly_once(make_config: Callable[..., Config]) -> None:
+    received: list[tuple[str, str, int]] = []
+
+    class Recording(Sink[SinkOptions]):
+        type = "rec"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            received.extend((self.name, m.message_id, m.attempt) for m in batch)
+            if self.name == "c" and batch[0].attempt == 1:
+                # c's retry must not re-send a's or b's copy
+                raise RetryableError("c is briefly down")
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Recording), recorder),
+        # Two routes match and both name "b": it still gets the message once.
+        routes=[
+            {"match": "patient.*", "to": ["a", "b"]},
+            {"match": ["patient.admit"], "to": ["b", "c"]},
+        ],
+        default=[],
+        sinks={name: {"type": "rec", "retry": FAST} for name in ("a", "b", "c")},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        body = body_for("patient.admit", "m-1")
+        assert (await post(client, router.webhook_url, body)).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 3)
+
+    assert recorder.received == [("m-1", ("a", "b", "c"))]
+    assert sorted(received) == [("a", "m-1", 1), ("b", "m-1", 1), ("c", "m-1", 1), ("c", "m-1", 2)]
+    assert sorted(recorder.delivered) == [("m-1", "a", 1), ("m-1", "b", 1), ("m-1", "c", 2)]
+    assert deliveries(config) == [
+        ("m-1", "a", "delivered", 1, None),
+        ("m-1", "b", "delivered", 1, None),
+        ("m-1", "c", "delivered", 2, None),
+    ]
+
+
+async def test_a_sink_that_fails_to_open_gets_its_messages_once_open(
+    make_config: Callable[..., Config],
+) -> None:
+    opens = 0
+    may_open = anyio.Event()
+    sent: list[tuple[str, str, int]] = []
+    other: list[tuple[str, str, int]] = []
+
+    class Reluctant(Sink[SinkOptions]):
+        type = "reluctant"
+
+        async def open(self) -> None:
+            nonlocal opens
+            opens += 1
+            if opens <= 2:
+                raise ConnectionRefusedError("peer not up yet")
+            await may_open.wait()
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            sent.extend(("late", m.message_id, m.attempt) for m in batch)
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Reluctant, recording_sink("rec", other)), recorder),
+        default=["late", "ok"],
+        sinks={"late": {"type": "reluctant", "retry": FAST}, "ok": {"type": "rec"}},
+    )
+    ids = [f"m-{i}" for i in range(3)]
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for mid in ids:
+            assert (
+                await post(client, router.webhook_url, body_for(message_id=mid))
+            ).status_code == 200
+        # The other sink delivers everything while this one has failed twice and is not open.
+        await recorder.wait_for(lambda r: len(r.delivered_to("ok")) == len(ids))
+        await eventually(lambda: opens == 3)
+        assert sent == []
+        may_open.set()
+        await recorder.wait_for(lambda r: len(r.delivered_to("late")) == len(ids))
+
+    assert opens == 3
+    assert sorted(sent) == [("late", mid, 1) for mid in ids]
+    assert sorted(other) == [("ok", mid, 1) for mid in ids]
+    assert recorder.failed == []
+
+
+async def test_a_type_no_route_matches_goes_to_default(make_config: Callable[..., Config]) -> None:
+    received: list[tuple[str, str, int]] = []
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(recording_sink("rec", received)), recorder),
+        routes=[{"match": "medical.*", "to": ["medical"]}],
+        default=["fallback"],
+        sinks={"medical": {"type": "rec"}, "fallback": {"type": "rec"}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for type_, mid in [("patient.admit", "p-1"), ("medical.document-download", "d-1")]:
+            assert (await post(client, router.webhook_url, body_for(type_, mid))).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 2)
+
+    assert sorted(received) == [("fallback", "p-1", 1), ("medical", "d-1", 1)]
+    assert sorted(recorder.received) == [("d-1", ("medical",)), ("p-1", ("fallback",))]
+
+
+async def test_without_default_an_unmatched_message_is_kept_unrouted(
+    make_config: Callable[..., Config],
+) -> None:
+    received: list[tuple[str, str, int]] = []
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(recording_sink("rec", received)), recorder),
+        routes=[{"match": "medical.*", "to": ["medical"]}],
+        default=[],
+        sinks={"medical": {"type": "rec"}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        r = await post(client, router.webhook_url, body_for("patient.admit", "p-1"))
+        assert (r.status_code, r.content) == (200, b"")
+        # A routed message sent after it, as a marker that the dispatcher has run.
+        r = await post(client, router.webhook_url, body_for("medical.document-download", "d-1"))
+        assert r.status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 1 and len(r.received) == 2)
+
+    assert received == [("medical", "d-1", 1)]
+    assert ("p-1", ()) in recorder.received
+    assert deliveries(config) == [("d-1", "medical", "delivered", 1, None)]
+    journal = Journal(config.journal.path)
+    await journal.open()
+    try:
+        assert await journal.unrouted_count() == 1
+    finally:
+        await journal.close()
+
+
+async def test_a_duplicate_message_id_is_delivered_once(
+    make_config: Callable[..., Config],
+) -> None:
+    received: list[tuple[str, str, int]] = []
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(recording_sink("rec", received)), recorder),
+        default=["only"],
+        sinks={"only": {"type": "rec"}},
+    )
+    body = body_for("patient.admit", "m-1")
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for _ in range(3):
+            r = await post(client, router.webhook_url, body)
+            assert (r.status_code, r.content) == (200, b"")
+        # Sent after the duplicates: once it is delivered, any second copy would have been too.
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-2"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 2)
+
+    assert sorted(received) == [("only", "m-1", 1), ("only", "m-2", 1)]
+    assert [mid for mid, _ in recorder.received] == ["m-1", "m-2"]
+    conn = sqlite3.connect(config.journal.path / "journal.sqlite3")
+    try:
+        rows = conn.execute("SELECT message_id, duplicates FROM messages ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    assert rows == [("m-1", 2), ("m-2", 0)]
+
+
+async def test_the_sink_receives_the_body_bytes_verbatim(
+    make_config: Callable[..., Config],
+) -> None:
+    bodies: list[bytes] = []
+
+    class Keeping(Sink[SinkOptions]):
+        type = "keeping"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            bodies.extend(m.body for m in batch)
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Keeping), recorder),
+        default=["keep"],
+        sinks={"keep": {"type": "keeping"}},
+    )
+    body = (
+        b'{"meta": {"messageId":"m-1", "type":"patient.admit", "when":"2026-01-01T00:00:00Z"},'
+        b'  "name": "Ren\xc3\xa9e \\u00e9" }'
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (await post(client, router.webhook_url, body)).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+    assert bodies == [body]

@@ -1,0 +1,243 @@
+"""Parsing verified bodies: the fields the router needs, or a BadMessage answered 400."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.parse import MAX_ID_LENGTH, BadMessage, Parsed, parse
+from tests.conftest import fixture_vectors
+
+FAST = settings(max_examples=200, deadline=None)
+
+
+def doc(meta: Any, **fields: Any) -> bytes:
+    return json.dumps({"meta": meta, **fields}, separators=(",", ":")).encode()
+
+
+def meta(**overrides: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {"messageId": "m-1", "when": "2026-01-01T00:00:00.000Z", "type": "t"}
+    m.update(overrides)
+    return {k: v for k, v in m.items() if v is not ...}
+
+
+GOOD = doc(meta())
+
+
+# -- the fixtures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "body", "signature"), fixture_vectors())
+def test_every_fixture_parses(name: str, body: bytes, signature: str) -> None:
+    expected = json.loads(body)["meta"]
+    parsed = parse(body)
+    assert parsed.type == expected["type"]
+    assert parsed.message_id == expected["messageId"]
+    assert parsed.when == expected["when"]
+    assert parsed.request_id == expected.get("requestId")
+    assert parsed.is_ping is (expected["type"] == "ping")
+
+
+def test_fixture_types_are_the_ones_the_files_are_named_for() -> None:
+    types = {name: parse(body).type for name, body, _ in fixture_vectors()}
+    assert types["patient.admit.json"] == "patient.admit"
+    assert types["medical.document-download.failed.json"] == "medical.document-download"
+    assert types["ping.json"] == "ping"
+    assert types["devices.health-data.json"] == "devices.health-data"
+
+
+def test_ping_carries_its_value() -> None:
+    body = next(b for name, b, _ in fixture_vectors() if name == "ping.json")
+    parsed = parse(body)
+    assert parsed.is_ping
+    assert parsed.ping == "V1StGXR8_Z5jdHi6B-myT"
+    assert parsed.message_id == "6f0e2c9a-8d41-4b7e-a3c5-1f9d2e7b4a60"
+
+
+def test_only_a_ping_carries_a_ping_value() -> None:
+    parsed = parse(doc(meta(type="patient.admit"), ping="x"))
+    assert not parsed.is_ping
+    assert parsed.ping is None
+
+
+def test_key_order_and_whitespace_do_not_matter() -> None:
+    body = b' {\n "payload": {"a": 1},\n "meta": {"type": "t", "when": null, "messageId": "m"}\n}\n'
+    assert parse(body) == Parsed(message_id="m", type="t", when=None, request_id=None)
+
+
+def test_optional_fields_may_be_absent() -> None:
+    parsed = parse(doc({"type": "t", "messageId": "m"}))
+    assert (parsed.when, parsed.request_id) == (None, None)
+
+
+def test_unknown_fields_and_types_are_accepted() -> None:
+    parsed = parse(doc(meta(type="brand.new-type", extra={"x": [1, 2]}), newThing=True))
+    assert parsed.type == "brand.new-type"
+
+
+def test_a_utf8_bom_is_accepted() -> None:
+    assert parse(b"\xef\xbb\xbf" + GOOD) == parse(GOOD)
+
+
+def test_non_ascii_values_are_kept() -> None:
+    parsed = parse(doc(meta(type="patient.admit-é", messageId="ü-1")))
+    assert (parsed.type, parsed.message_id) == ("patient.admit-é", "ü-1")
+
+
+def test_a_field_at_the_length_limit_is_accepted() -> None:
+    assert parse(doc(meta(messageId="x" * MAX_ID_LENGTH))).message_id == "x" * MAX_ID_LENGTH
+
+
+# -- bad bodies --------------------------------------------------------------------------------
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+NESTED_OBJECTS = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+
+BAD: list[Any] = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"   \n", id="whitespace-only"),
+    pytest.param(b"\xff\xfe\xfd", id="not-utf8"),
+    pytest.param(GOOD.replace(b'"t"', b'"\xc3\x28"'), id="invalid-utf8-in-type"),
+    pytest.param(GOOD.replace(b'"t"', b'"\xed\xa0\x80"'), id="encoded-surrogate"),
+    pytest.param(GOOD.decode().encode("utf-16"), id="utf-16"),
+    pytest.param(GOOD.decode().encode("utf-16-le"), id="utf-16-le-no-bom"),
+    pytest.param(GOOD.decode().encode("utf-32"), id="utf-32"),
+    pytest.param(b"[" + GOOD + b"]", id="array"),
+    pytest.param(b'"patient.admit"', id="string"),
+    pytest.param(b"42", id="number"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"true", id="true"),
+    pytest.param(b"NaN", id="nan-literal"),
+    pytest.param(b"Infinity", id="infinity-literal"),
+    pytest.param(doc(meta())[:-1] + b',"x":NaN}', id="nan-inside"),
+    pytest.param(doc(meta())[:-1] + b',"x":-Infinity}', id="minus-infinity-inside"),
+    pytest.param(NESTED, id="arrays-100000-deep"),
+    pytest.param(b'{"meta":' + NESTED + b"}", id="meta-arrays-100000-deep"),
+    pytest.param(NESTED_OBJECTS, id="objects-100000-deep"),
+    pytest.param(GOOD + b"garbage", id="trailing-garbage"),
+    pytest.param(GOOD + GOOD, id="two-documents"),
+    pytest.param(GOOD[:-1], id="truncated"),
+    pytest.param(b"{'meta': {}}", id="single-quotes"),
+    pytest.param(b'{"ping":"x"}', id="meta-missing"),
+    pytest.param(doc(None), id="meta-null"),
+    pytest.param(doc("patient.admit"), id="meta-string"),
+    pytest.param(doc([meta()]), id="meta-array"),
+    pytest.param(doc(meta(type=...)), id="type-missing"),
+    pytest.param(doc(meta(type="")), id="type-empty"),
+    pytest.param(doc(meta(type=10)), id="type-number"),
+    pytest.param(doc(meta(type=["a"])), id="type-array"),
+    pytest.param(doc(meta(type={"a": 1})), id="type-object"),
+    pytest.param(doc(meta(type=True)), id="type-bool"),
+    pytest.param(doc(meta(type="x" * 10_000_000)), id="type-10MB"),
+    pytest.param(doc(meta(type="x" * (MAX_ID_LENGTH + 1))), id="type-over-limit"),
+    pytest.param(doc(meta(type="patient.admit\n")), id="type-newline"),
+    pytest.param(doc(meta(type="patient\x00admit")), id="type-nul"),
+    pytest.param(doc(meta(type="patient\x1b[31madmit")), id="type-escape-sequence"),
+    pytest.param(doc(meta(type="a\u2028b")), id="type-line-separator"),
+    pytest.param(GOOD.replace(b'"t"', b'"\\ud800"'), id="type-lone-surrogate"),
+    pytest.param(doc(meta(messageId=...)), id="messageId-missing"),
+    pytest.param(doc(meta(messageId=1234)), id="messageId-number"),
+    pytest.param(doc(meta(messageId="")), id="messageId-empty"),
+    pytest.param(doc(meta(messageId="m\r\n1")), id="messageId-crlf"),
+    pytest.param(doc(meta(when=1700000000)), id="when-number"),
+    pytest.param(doc(meta(when={"t": 1})), id="when-object"),
+    pytest.param(doc(meta(requestId=5)), id="requestId-number"),
+    pytest.param(doc(meta(when="x\tz")), id="when-control-character"),
+]
+
+
+@pytest.mark.parametrize("body", BAD)
+def test_bad_bodies_are_bad_messages(body: bytes) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse(body)
+    text = str(info.value)
+    assert text
+    assert len(text) < 300  # a short reason safe to send back, never the body
+
+
+def test_a_huge_integer_is_handled() -> None:
+    body = doc(meta())[:-1] + b',"n":' + b"7" * 10_000 + b"}"
+    try:
+        parsed = parse(body)
+    except BadMessage:
+        return
+    assert parsed.type == "t"
+
+
+def test_the_reason_never_quotes_the_body() -> None:
+    secret = b"ACME-000482"
+    bodies = [
+        GOOD[:-1] + b',"x":"' + secret + b'"',  # truncated
+        GOOD + b'{"p":"' + secret + b'"}',  # extra data
+        b'{"meta":{"type":"t","messageId":"m"},"p":' + secret + b"}",  # bare word
+        doc(meta(type=...), patientId=secret.decode()),
+    ]
+    for body in bodies:
+        with pytest.raises(BadMessage) as info:
+            parse(body)
+        assert secret.decode() not in str(info.value)
+
+
+# -- properties --------------------------------------------------------------------------------
+
+
+def outcome(body: bytes) -> Parsed | BadMessage:
+    try:
+        return parse(body)
+    except BadMessage as e:
+        return e
+
+
+@FAST
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_parse_or_are_bad_messages(body: bytes) -> None:
+    assert isinstance(outcome(body), Parsed | BadMessage)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@FAST
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "messageId", "when", "requestId", "data", "other"]),
+        json_values,
+    ),
+    st.dictionaries(st.sampled_from(["ping", "payload", "patients"]), json_values, max_size=2),
+)
+def test_arbitrary_meta_parses_or_is_a_bad_message(meta_: dict[str, Any], rest: Any) -> None:
+    result = outcome(doc(meta_, **rest))
+    assert isinstance(result, Parsed | BadMessage)
+    if isinstance(result, Parsed):
+        assert result.type == meta_["type"]
+        assert result.message_id == meta_["messageId"]
+        assert result.type.isprintable()
+        assert result.message_id.isprintable()
+
+
+@FAST
+@given(st.text(min_size=1, max_size=MAX_ID_LENGTH).filter(str.isprintable), st.uuids())
+def test_any_printable_type_is_accepted(type_: str, message_id: Any) -> None:
+    parsed = parse(doc(meta(type=type_, messageId=str(message_id))))
+    assert (parsed.type, parsed.message_id) == (type_, str(message_id))
+
+
+@FAST
+@given(st.binary(max_size=64), st.integers(min_value=0))
+def test_corrupting_a_good_body_never_crashes(noise: bytes, at: int) -> None:
+    i = at % (len(GOOD) + 1)
+    assert isinstance(outcome(GOOD[:i] + noise + GOOD[i:]), Parsed | BadMessage)
