@@ -29,7 +29,7 @@ from pydantic import (
 
 from router import plugins, yamlsource
 from router.errors import ConfigError
-from router.routing import Route, RouteTable, as_tuple
+from router.routing import Route, RouteTable
 from router.sink import Sink, SinkOptions
 
 DEFAULT_CONFIG = Path("/etc/webhook-router/config.yaml")
@@ -239,14 +239,12 @@ def load_config(
             if sink is not None:
                 sinks[name] = sink
 
-    if doc is None:
+    _check_route_targets(src, raw_sinks if isinstance(raw_sinks, dict) else {})
+    if doc is None or src.problems:
         raise ConfigError(src.problems)
     table = RouteTable(
-        tuple(Route(as_tuple(r.match), as_tuple(r.to)) for r in doc.routes), as_tuple(doc.default)
+        tuple(Route(tuple(r.match), tuple(r.to)) for r in doc.routes), tuple(doc.default)
     )
-    _check_routes(src, table, raw_sinks or {})
-    if src.problems:
-        raise ConfigError(src.problems)
     return Config(
         file=path,
         server=doc.server,
@@ -326,14 +324,20 @@ def _sink(
     )
 
 
-def _check_routes(src: yamlsource.Source, table: RouteTable, sinks: Mapping[str, Any]) -> None:
-    for i, route in enumerate(table.routes):
-        for name in route.to:
-            if name not in sinks:
-                src.problem(("routes", i, "to"), f"route sends to unknown sink {name!r}")
-    for name in table.default:
-        if name not in sinks:
-            src.problem(("default",), f"default sends to unknown sink {name!r}")
+def _check_route_targets(src: yamlsource.Source, sinks: Mapping[str, Any]) -> None:
+    """Routes and default must name configured sinks. Checked on the raw document, so these
+    problems are reported even when other sections are invalid."""
+    targets: list[tuple[yamlsource.KeyPath, Any]] = [(("default",), src.data.get("default"))]
+    routes = src.data.get("routes")
+    if isinstance(routes, list):
+        targets += [
+            (("routes", i, "to"), r.get("to")) for i, r in enumerate(routes) if isinstance(r, dict)
+        ]
+    for path, names in targets:
+        for name in [names] if isinstance(names, str) else names if isinstance(names, list) else []:
+            if isinstance(name, str) and name and name not in sinks:
+                what = "default" if path == ("default",) else "route"
+                src.problem(path, f"{what} sends to unknown sink {name!r}")
 
 
 _MESSAGES = {

@@ -44,7 +44,7 @@ class ConfigError(RouterError):
     """The configuration is invalid. ``problems`` lists every problem found in one pass."""
 
     def __init__(self, problems: Sequence[ConfigProblem]) -> None:
-        self.problems = tuple(problems)
+        self.problems = tuple(sorted(problems, key=lambda p: (p.file, p.line or 0)))
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -73,7 +72,3 @@ def describe(table: RouteTable) -> list[tuple[str, str]]:
     rows = [(", ".join(r.match), ", ".join(r.to)) for r in table.routes]
     rows.append(("(default)", ", ".join(table.default) if table.default else "(none: unrouted)"))
     return rows
-
-
-def as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)

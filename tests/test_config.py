@@ -660,3 +660,27 @@ def test_sink_defaults(tmp_path: Path) -> None:
     assert archive.concurrency == archive.cls.default_concurrency
     assert config.routes.default == ()
     assert config.routes.routes == ()
+
+
+def test_unknown_route_targets_are_reported_beside_other_problems(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+auth: {keys: [k1]}
+server: {bogus: 1}
+routes:
+  - match: "x"
+    to: [nope]
+default: ghost
+sinks:
+  archive: {type: file, path: ./out.jsonl}
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    found = [(p.line, p.path, p.message) for p in info.value.problems]
+    assert found == [
+        (2, "server.bogus", found[0][2]),
+        (5, "routes[0].to", "route sends to unknown sink 'nope'"),
+        (6, "default", "default sends to unknown sink 'ghost'"),
+    ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.routing import Route, RouteTable, as_tuple, describe, matches, route
+from router.routing import Route, RouteTable, describe, matches, route
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -14,7 +16,11 @@ FAST = settings(max_examples=200, deadline=None)
 def table(
     *routes: tuple[str | list[str], str | list[str]], default: tuple[str, ...] = ()
 ) -> RouteTable:
-    return RouteTable(tuple(Route(as_tuple(m), as_tuple(t)) for m, t in routes), default)
+    return RouteTable(tuple(Route(_names(m), _names(t)) for m, t in routes), default)
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 # -- glob semantics ----------------------------------------------------------------------------
