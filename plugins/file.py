@@ -38,6 +38,7 @@ from router import (
     RetryableError,
     SendResult,
     Sink,
+    SinkContext,
     SinkOptions,
     hookimpl,
 )
@@ -66,8 +67,8 @@ class FileSink(Sink[FileOptions]):
     Options = FileOptions
     default_batch_size = 100
 
-    def __init__(self, name: str, options: FileOptions, *, base_dir: Path) -> None:
-        super().__init__(name, options, base_dir=base_dir)
+    def __init__(self, options: FileOptions, context: SinkContext) -> None:
+        super().__init__(options, context)
         template = str(options.path)
         self.template = template
         fixed = _PLACEHOLDER.split(template, maxsplit=1)[0]

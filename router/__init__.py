@@ -7,7 +7,7 @@ from router.config import ConfigPath, Duration
 from router.errors import PermanentError, RetryableError, SinkError
 from router.hookspecs import hookimpl
 from router.message import Message
-from router.sink import SendResult, Sink, SinkOptions
+from router.sink import SendResult, Sink, SinkContext, SinkOptions
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "RetryableError",
     "SendResult",
     "Sink",
+    "SinkContext",
     "SinkError",
     "SinkOptions",
     "__version__",

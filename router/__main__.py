@@ -92,11 +92,11 @@ def _print_check(config: Config) -> None:
     print("sinks:")
     width = max(len(name) for name in config.sinks)
     for name, sink in config.sinks.items():
-        instance = sink.cls(name, sink.options, base_dir=config.base_dir)
+        order = ", ordered" if sink.ordered else ""
         print(
-            f"  {name.ljust(width)}  {instance.describe()}"
+            f"  {name.ljust(width)}  {sink.build(config.base_dir).describe()}"
             f"  (retry up to {sink.retry.max_attempts or 'unlimited'} attempts,"
-            f" timeout {sink.timeout:g}s)"
+            f" timeout {sink.timeout:g}s{order})"
         )
 
 

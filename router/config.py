@@ -30,7 +30,7 @@ from pydantic import (
 from router import plugins, yamlsource
 from router.errors import ConfigError
 from router.routing import Route, RouteTable
-from router.sink import Sink, SinkOptions
+from router.sink import Sink, SinkContext, SinkOptions
 
 DEFAULT_CONFIG = Path("/etc/webhook-router/config.yaml")
 CONFIG_ENV = "WEBHOOK_ROUTER_CONFIG"
@@ -141,6 +141,7 @@ class SinkCommon(_Strict):
     timeout: Duration = 30.0
     concurrency: Annotated[int, Field(ge=1, le=1024)] | None = None
     batch_size: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    ordered: bool = False
 
 
 COMMON_KEYS = frozenset(SinkCommon.model_fields)
@@ -166,6 +167,21 @@ class SinkConfig:
     timeout: float
     concurrency: int
     batch_size: int
+    ordered: bool
+
+    def context(self, base_dir: Path) -> SinkContext:
+        return SinkContext(
+            name=self.name,
+            base_dir=base_dir,
+            timeout=self.timeout,
+            concurrency=self.concurrency,
+            batch_size=self.batch_size,
+            ordered=self.ordered,
+        )
+
+    def build(self, base_dir: Path) -> Sink[Any]:
+        """A new sink instance (not yet opened)."""
+        return self.cls(self.options, self.context(base_dir))
 
 
 @dataclass(frozen=True)
@@ -321,6 +337,7 @@ def _sink(
         timeout=common.timeout,
         concurrency=common.concurrency or cls.default_concurrency,
         batch_size=common.batch_size or cls.default_batch_size,
+        ordered=common.ordered,
     )
 
 

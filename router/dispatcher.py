@@ -94,7 +94,8 @@ class SinkRunner:
         if free <= 0:
             return None  # a finishing worker wakes us
         size = self.cfg.batch_size
-        due = await self.journal.due(self.name, time.time(), free * size, self.inflight)
+        ordered = self.cfg.ordered
+        due = await self.journal.due(self.name, time.time(), free * size, self.inflight, ordered)
         if due:
             for i in range(0, len(due), size):
                 chunk = due[i : i + size]
@@ -102,7 +103,7 @@ class SinkRunner:
                 self.active += 1
                 tg.start_soon(self._deliver, chunk)
             return 0.0
-        return await self.journal.next_due_at(self.name, self.inflight)
+        return await self.journal.next_due_at(self.name, self.inflight, ordered)
 
     async def _open(self) -> None:
         attempt = 0
@@ -233,7 +234,7 @@ class Dispatcher:
         self.runners = {
             name: SinkRunner(
                 cfg,
-                cfg.cls(name, cfg.options, base_dir=config.base_dir),
+                cfg.build(config.base_dir),
                 journal,
                 config.plugin_manager,
                 metrics,

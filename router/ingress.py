@@ -114,7 +114,13 @@ class Ingress:
             return await respond(send, 200, pong, JSON)
 
         message = Message(
-            parsed.message_id, parsed.type, parsed.when, body, time.time(), parsed.request_id
+            parsed.message_id,
+            parsed.type,
+            parsed.when,
+            body,
+            time.time(),
+            parsed.request_id,
+            order_key=parsed.order_key,
         )
         sinks = rt.config.routes.sinks_for(parsed.type)
         try:

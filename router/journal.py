@@ -50,12 +50,14 @@ CREATE TABLE IF NOT EXISTS messages (
     body_file TEXT,
     body_size INTEGER NOT NULL,
     routed INTEGER NOT NULL,
+    order_key TEXT NOT NULL DEFAULT '',
     duplicates INTEGER NOT NULL DEFAULT 0,
     last_duplicate_at REAL
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
     sink TEXT NOT NULL,
+    order_key TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
@@ -65,8 +67,25 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (sink, next_attempt_at, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_order
+    ON deliveries (sink, order_key, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS messages_unrouted ON messages (seq) WHERE routed = 0;
 """
+
+_DUE = """SELECT seq, attempts FROM deliveries
+    WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ?
+    ORDER BY next_attempt_at, seq LIMIT ?"""
+_NEXT = """SELECT seq, next_attempt_at FROM deliveries WHERE sink = ? AND state = 'pending'
+    ORDER BY next_attempt_at, seq LIMIT ?"""
+# The head of each order key: no earlier pending delivery to the same sink with the same key.
+_HEAD = """NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.sink = d.sink
+    AND e.order_key = d.order_key AND e.state = 'pending' AND e.seq < d.seq)"""
+_ORDERED_DUE = f"""SELECT seq, attempts FROM deliveries d
+    WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ? AND {_HEAD}
+    ORDER BY seq LIMIT ?"""  # noqa: S608
+_ORDERED_NEXT = f"""SELECT seq, next_attempt_at FROM deliveries d
+    WHERE sink = ? AND state = 'pending' AND {_HEAD}
+    ORDER BY next_attempt_at, seq LIMIT ?"""  # noqa: S608
 
 DeliveryState = Literal["pending", "delivered", "dead"]
 
@@ -306,8 +325,8 @@ class Journal:
         def write(conn: sqlite3.Connection) -> Appended:
             seq, duplicates = conn.execute(
                 """INSERT INTO messages (message_id, type, "when", request_id, received_at,
-                       body, body_size, routed)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       body, body_size, routed, order_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (message_id) DO UPDATE
                        SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
                    RETURNING seq, duplicates""",
@@ -320,14 +339,18 @@ class Journal:
                     message.body,
                     len(message.body),
                     1 if sinks else 0,
+                    message.order_key,
                 ),
             ).fetchone()
             if duplicates:
                 return Appended(seq, duplicate=True)
             conn.executemany(
-                "INSERT INTO deliveries (seq, sink, state, next_attempt_at, updated_at)"
-                " VALUES (?, ?, 'pending', ?, ?)",
-                [(seq, sink, message.received_at, message.received_at) for sink in sinks],
+                "INSERT INTO deliveries (seq, sink, order_key, state, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, 'pending', ?, ?)",
+                [
+                    (seq, sink, message.order_key, message.received_at, message.received_at)
+                    for sink in sinks
+                ],
             )
             return Appended(seq, duplicate=False)
 
@@ -374,28 +397,33 @@ class Journal:
         result: dict[str, int] = await self._write(write)
         return result
 
-    async def due(self, sink: str, now: float, limit: int, exclude: Collection[int]) -> list[Due]:
-        """Pending deliveries to ``sink`` due at ``now``, oldest first, skipping ``exclude``."""
+    async def due(
+        self, sink: str, now: float, limit: int, exclude: Collection[int], ordered: bool = False
+    ) -> list[Due]:
+        """Pending deliveries to ``sink`` due at ``now``, skipping ``exclude``.
+
+        Unordered: oldest due first. Ordered: only the earliest pending delivery of each order
+        key (a later message about the same patient waits until the earlier one is delivered or
+        dead-lettered), in receipt order."""
 
         def read(conn: sqlite3.Connection) -> list[Due]:
             rows = conn.execute(
-                "SELECT seq, attempts FROM deliveries WHERE sink = ? AND state = 'pending'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT ?",
-                (sink, now, limit + len(exclude)),
+                _ORDERED_DUE if ordered else _DUE, (sink, now, limit + len(exclude))
             ).fetchall()
             return [Due(seq, attempts) for seq, attempts in rows if seq not in exclude][:limit]
 
         result: list[Due] = await self._read(read)
         return result
 
-    async def next_due_at(self, sink: str, exclude: Collection[int]) -> float | None:
-        """When the earliest pending delivery to ``sink`` outside ``exclude`` falls due."""
+    async def next_due_at(
+        self, sink: str, exclude: Collection[int], ordered: bool = False
+    ) -> float | None:
+        """When the earliest pending delivery to ``sink`` outside ``exclude`` falls due (for an
+        ordered sink, among those not waiting behind an earlier one)."""
 
         def read(conn: sqlite3.Connection) -> float | None:
             rows = conn.execute(
-                "SELECT seq, next_attempt_at FROM deliveries WHERE sink = ? AND state = 'pending'"
-                " ORDER BY next_attempt_at, seq LIMIT ?",
-                (sink, len(exclude) + 1),
+                _ORDERED_NEXT if ordered else _NEXT, (sink, len(exclude) + 1)
             ).fetchall()
             return next((at for seq, at in rows if seq not in exclude), None)
 
@@ -409,15 +437,17 @@ class Journal:
             marks = ",".join("?" * len(seqs))
             rows = conn.execute(
                 f"""SELECT seq, message_id, type, "when", request_id, received_at, body,
-                           body_file
+                           body_file, order_key
                     FROM messages WHERE seq IN ({marks})""",  # noqa: S608
                 list(seqs),
             ).fetchall()
             found = {}
-            for seq, mid, type_, when, request_id, received_at, body, body_file in rows:
+            for seq, mid, type_, when, request_id, received_at, body, body_file, key in rows:
                 if body is None and body_file is not None:
                     body = (self.directory / body_file).read_bytes()
-                found[seq] = Message(mid, type_, when, bytes(body), received_at, request_id)
+                found[seq] = Message(
+                    mid, type_, when, bytes(body), received_at, request_id, order_key=key
+                )
             return found
 
         result: dict[int, Message] = await self._read(read)

@@ -23,6 +23,9 @@ class Message:
     received_at: float
     request_id: str | None = None
     attempt: int = 1
+    #: The patient the message is about, for ordered delivery (see ``router.parse``); empty
+    #: when the message names none. An identifier: never log it.
+    order_key: str = ""
 
     @property
     def received_datetime(self) -> dt.datetime:

@@ -8,6 +8,7 @@ and forwarded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ class Parsed:
     when: str | None
     request_id: str | None
     ping: Any = None
+    order_key: str = ""
 
     @property
     def is_ping(self) -> bool:
@@ -66,7 +68,35 @@ def parse(body: bytes) -> Parsed:
         when=_field(meta, "when", required=False),
         request_id=_field(meta, "requestId", required=False),
         ping=doc.get("ping") if type_ == "ping" else None,
+        order_key=order_key(doc),
     )
+
+
+def order_key(doc: dict[str, Any]) -> str:
+    """The patient a message is about, for ordered delivery.
+
+    ``payload.patientId`` (real-time events, network queries), else the distinct
+    ``patients[].patientId`` (documents, consolidated data), else the distinct
+    ``users[].userId`` (devices), sorted and joined by commas; ``""`` when there is none.
+    A message naming several patients is ordered with messages naming the same set. Long keys
+    are replaced by their SHA-256 so that the journal's index stays small.
+    """
+    ids: set[str] = set()
+    payload = doc.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get("patientId"), str):
+        ids.add(payload["patientId"])
+    for group, field in (("patients", "patientId"), ("users", "userId")):
+        if ids:
+            break
+        members = doc.get(group)
+        if isinstance(members, list):
+            ids.update(
+                m[field] for m in members if isinstance(m, dict) and isinstance(m.get(field), str)
+            )
+    key = ",".join(sorted(ids))
+    if len(key) > MAX_ID_LENGTH:
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
 
 
 def _field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:

@@ -11,6 +11,9 @@ from pathlib import Path
 from router.config import RetryPolicy
 from router.errors import PermanentError, RetryableError, SinkError
 
+#: The longest wait a sink's ``retry_after`` (e.g. an HTTP ``Retry-After``) can impose.
+MAX_RETRY_AFTER = 86400.0
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -39,7 +42,7 @@ def decide(
     if policy.max_attempts and attempts >= policy.max_attempts:
         return Decision(dead=True)
     if isinstance(error, RetryableError) and error.retry_after is not None:
-        return Decision(dead=False, delay=max(0.0, error.retry_after))
+        return Decision(dead=False, delay=min(max(0.0, error.retry_after), MAX_RETRY_AFTER))
     return Decision(dead=False, delay=backoff(policy, attempts, rand))
 
 

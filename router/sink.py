@@ -19,12 +19,31 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from router.message import Message
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What the router tells a sink about its place in the configuration."""
+
+    #: The sink's name (the key under ``sinks:``).
+    name: str
+    #: The configuration file's folder.
+    base_dir: Path
+    #: The router's deadline on each ``open`` and ``send`` call, in seconds.
+    timeout: float
+    #: How many ``send`` calls may be in flight at once.
+    concurrency: int
+    #: The most messages one ``send`` call receives.
+    batch_size: int
+    #: Whether messages about one patient are delivered strictly in order.
+    ordered: bool = False
 
 
 class SinkOptions(BaseModel):
@@ -47,10 +66,19 @@ class Sink(Generic[OptionsT]):
     default_batch_size: ClassVar[int] = 1
     default_concurrency: ClassVar[int] = 1
 
-    def __init__(self, name: str, options: OptionsT, *, base_dir: Path) -> None:
-        self.name = name
+    def __init__(self, options: OptionsT, context: SinkContext) -> None:
         self.options = options
-        self.base_dir = base_dir
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        """The sink's name in the configuration."""
+        return self.context.name
+
+    @property
+    def base_dir(self) -> Path:
+        """The configuration file's folder (relative paths resolve against it)."""
+        return self.context.base_dir
 
     async def open(self) -> None:
         """Prepare to send (connect, create directories). Raise to report the sink unhealthy;

@@ -1,9 +1,12 @@
 """Helpers for testing the router and sink plugins over real sockets.
 
-- ``body_for`` / ``message_for`` build Metriport-shaped messages; ``sign`` signs a body.
+- ``body_for`` / ``message_for`` build Metriport-shaped messages; ``sign`` signs a body,
+  ``signed_headers`` gives the headers Metriport sends with it and ``post_signed`` posts it.
 - ``write_config`` writes a configuration file from plain Python data.
 - ``running_router`` runs the whole daemon in-process (in the caller's event loop) on a free
   loopback port; ``Recorder`` is a plugin whose observer hooks let a test wait for deliveries.
+- ``SinkPlugin`` registers sink classes defined inline in a test, through the same
+  ``router_sink_types`` hook every sink plugin implements.
 - ``RouterProcess`` runs ``webhook-router serve`` as a child process on a socket the test bound
   (passed as ``fd://N``, so it survives restarts) and waits for its ``READY=1`` notification.
 """
@@ -24,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import yaml
@@ -34,17 +37,24 @@ from router.auth import sign
 from router.config import Config
 from router.hookspecs import hookimpl
 from router.message import Message
+from router.sink import Sink
+
+if TYPE_CHECKING:  # httpx is a test dependency, not one of the router's
+    import httpx
 
 __all__ = [
     "Recorder",
     "RouterProcess",
     "RunningRouter",
+    "SinkPlugin",
     "body_for",
     "eventually",
     "listening_socket",
     "message_for",
+    "post_signed",
     "running_router",
     "sign",
+    "signed_headers",
     "wait_until",
     "write_config",
 ]
@@ -64,6 +74,17 @@ def message_for(
     message_id = message_id or str(uuid.uuid4())
     body = body if body is not None else body_for(type_, message_id)
     return Message(message_id, type_, "2026-01-01T00:00:00.000Z", body, time.time())
+
+
+def signed_headers(body: bytes, key: str) -> dict[str, str]:
+    """The headers Metriport sends with ``body``: its ``x-metriport-signature`` under ``key``
+    and a JSON content type."""
+    return {"x-metriport-signature": sign(body, key), "content-type": "application/json"}
+
+
+async def post_signed(client: httpx.AsyncClient, url: str, body: bytes, key: str) -> httpx.Response:
+    """POST ``body`` to ``url`` as Metriport would, signed with ``key`` (``signed_headers``)."""
+    return await client.post(url, content=body, headers=signed_headers(body, key))
 
 
 def write_config(directory: Path, data: Mapping[str, Any], name: str = "config.yaml") -> Path:
@@ -89,6 +110,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+class SinkPlugin:
+    """A throwaway plugin providing the given sink classes, for sink types defined inline in a
+    test: ``load_config(path, extra_plugins=[SinkPlugin(MySink)])``. ``name`` is the plugin's
+    name in errors (two plugins providing one sink type, say)."""
+
+    def __init__(self, *classes: type[Sink[Any]], name: str = "test-sinks") -> None:
+        self.classes = list(classes)
+        self.__name__ = name
+
+    @hookimpl
+    def router_sink_types(self) -> list[type[Sink[Any]]]:
+        return self.classes
 
 
 @dataclass

@@ -1,16 +1,21 @@
-"""Shared fixtures: the Metriport fixtures, configuration factories, a real router."""
+"""Shared fixtures: the Metriport fixtures, configuration factories, a real router; helpers to
+post signed messages, throwaway sinks and readers of the journal file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from router import Message, SendResult, Sink, SinkOptions
 from router.config import Config, load_config
-from router.testing import write_config
+from router.testing import post_signed, signed_headers, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metriport"
 _VECTORS = json.loads((FIXTURES / "signature-vectors.json").read_text())
@@ -54,3 +59,41 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config(path, extra_plugins=extra_plugins)
 
     return make
+
+
+def signed(body: bytes, key: str = TEST_KEY) -> dict[str, str]:
+    """Headers for ``body`` signed with ``key`` (the test key unless given)."""
+    return signed_headers(body, key)
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+    """POST ``body`` to ``url`` signed with the test key."""
+    return await post_signed(client, url, body, TEST_KEY)
+
+
+def recording_sink(type_name: str, log: list[tuple[str, str, int]]) -> type[Sink[Any]]:
+    """A sink type that accepts everything, logging (sink name, message id, attempt)."""
+
+    class Recording(Sink[SinkOptions]):
+        type = type_name
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            log.extend((self.name, m.message_id, m.attempt) for m in batch)
+            return None
+
+    return Recording
+
+
+def query_journal(directory: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the journal file in ``directory`` with a separate, plain SQLite connection."""
+    with contextlib.closing(sqlite3.connect(directory / "journal.sqlite3")) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def deliveries(config: Config) -> list[tuple[str, str, str, int, str | None]]:
+    """(message id, sink, state, attempts, last error) rows of the journal file."""
+    return query_journal(
+        config.journal.path,
+        "SELECT m.message_id, d.sink, d.state, d.attempts, d.last_error"
+        " FROM deliveries d JOIN messages m USING (seq) ORDER BY m.seq, d.sink",
+    )

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.testing import RouterProcess, body_for, listening_socket, sign, wait_until, write_config
-from tests.conftest import TEST_KEY
+from router.testing import RouterProcess, body_for, listening_socket, wait_until, write_config
+from tests.conftest import TEST_KEY, signed
 
 KILLS = int(os.environ.get("CRASH_KILLS", "5"))
 ACKS_PER_ROUND = int(os.environ.get("CRASH_ACKS_PER_ROUND", "150"))
@@ -46,11 +46,7 @@ class Load:
                 type_ = "patient.admit" if worker % 2 else "medical.document-download"
                 body = body_for(type_, message_id, payload={"worker": worker, "n": message_id})
                 try:
-                    r = http.post(
-                        self.url,
-                        content=body,
-                        headers={"x-metriport-signature": sign(body, TEST_KEY)},
-                    )
+                    r = http.post(self.url, content=body, headers=signed(body))
                 except httpx.HTTPError:
                     with self.lock:
                         self.failed += 1  # killed mid-request: not acknowledged

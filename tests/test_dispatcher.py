@@ -9,9 +9,7 @@ sinks' own records and the journal file.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import anyio
 import httpx
@@ -24,62 +22,15 @@ from router import (
     SendResult,
     Sink,
     SinkOptions,
-    hookimpl,
 )
 from router.config import Config
 from router.journal import Journal
-from router.testing import Recorder, body_for, eventually, running_router, sign
-from tests.conftest import TEST_KEY
+from router.testing import Recorder, SinkPlugin, body_for, eventually, running_router
+from tests.conftest import deliveries, post, query_journal, recording_sink
 
 pytestmark = pytest.mark.anyio
 
 FAST = {"initial": "10ms", "max": "20ms"}
-
-
-class SinkPlugin:
-    """A throwaway plugin providing the given sink classes."""
-
-    __name__ = "test-sinks"
-
-    def __init__(self, *classes: type[Sink[Any]]) -> None:
-        self.classes = list(classes)
-
-    @hookimpl
-    def router_sink_types(self) -> list[type[Sink[Any]]]:
-        return self.classes
-
-
-async def post(client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
-    return await client.post(
-        url,
-        content=body,
-        headers={"x-metriport-signature": sign(body, TEST_KEY), "content-type": "application/json"},
-    )
-
-
-def deliveries(config: Config) -> list[tuple[str, str, str, int, str | None]]:
-    """(message id, sink, state, attempts, last error) rows of the journal file."""
-    conn = sqlite3.connect(config.journal.path / "journal.sqlite3")
-    try:
-        return conn.execute(
-            "SELECT m.message_id, d.sink, d.state, d.attempts, d.last_error"
-            " FROM deliveries d JOIN messages m USING (seq) ORDER BY m.seq, d.sink"
-        ).fetchall()
-    finally:
-        conn.close()
-
-
-def recording_sink(type_name: str, log: list[tuple[str, str, int]]) -> type[Sink[Any]]:
-    """A sink type that accepts everything, logging (sink name, message id, attempt)."""
-
-    class Recording(Sink[SinkOptions]):
-        type = type_name
-
-        async def send(self, batch: Sequence[Message]) -> SendResult:
-            log.extend((self.name, m.message_id, m.attempt) for m in batch)
-            return None
-
-    return Recording
 
 
 async def test_retryable_errors_are_retried_until_delivered_once(
@@ -488,11 +439,9 @@ async def test_a_duplicate_message_id_is_delivered_once(
 
     assert sorted(received) == [("only", "m-1", 1), ("only", "m-2", 1)]
     assert [mid for mid, _ in recorder.received] == ["m-1", "m-2"]
-    conn = sqlite3.connect(config.journal.path / "journal.sqlite3")
-    try:
-        rows = conn.execute("SELECT message_id, duplicates FROM messages ORDER BY seq").fetchall()
-    finally:
-        conn.close()
+    rows = query_journal(
+        config.journal.path, "SELECT message_id, duplicates FROM messages ORDER BY seq"
+    )
     assert rows == [("m-1", 2), ("m-2", 0)]
 
 

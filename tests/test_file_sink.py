@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from plugins.file import FileOptions, FileSink, safe_component
-from router import Message, PermanentError, RetryableError
+from router import Message, PermanentError, RetryableError, SinkContext
 from router.config import Config
 from router.testing import Recorder, body_for, message_for, running_router, sign
 from tests.conftest import TEST_KEY, fixture_vectors
@@ -24,7 +24,9 @@ pytestmark = pytest.mark.anyio
 
 def sink_for(tmp_path: Path, path: str, **options: Any) -> FileSink:
     opts = FileOptions.model_validate({"path": path, **options}, context={"base_dir": tmp_path})
-    return FileSink("archive", opts, base_dir=tmp_path)
+    return FileSink(
+        opts, SinkContext("archive", tmp_path, timeout=30, concurrency=1, batch_size=100)
+    )
 
 
 def lines(path: Path) -> list[bytes]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import socket
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 from router import app
 from router.config import Config
 from router.testing import Recorder, body_for, eventually, running_router, sign
-from tests.conftest import TEST_KEY, fixture_vectors
+from tests.conftest import TEST_KEY, deliveries, fixture_vectors, query_journal, signed
 
 pytestmark = pytest.mark.anyio
 
@@ -53,25 +51,13 @@ PING, PING_SIG = FIXTURES["ping.json"]
 OLD_KEY = "old-key-0123456789abc"
 
 
-def signed(body: bytes, key: str = TEST_KEY) -> dict[str, str]:
-    return {"x-metriport-signature": sign(body, key), "content-type": "application/json"}
-
-
 def stored(tmp_path: Path) -> list[tuple[str, str, int, int]]:
     """(message id, type, routed, duplicates) of every journaled message, read from the
     SQLite file itself."""
-    with contextlib.closing(sqlite3.connect(tmp_path / "journal" / "journal.sqlite3")) as db:
-        return db.execute(
-            "SELECT message_id, type, routed, duplicates FROM messages ORDER BY seq"
-        ).fetchall()
-
-
-def deliveries(tmp_path: Path) -> list[tuple[str, str]]:
-    with contextlib.closing(sqlite3.connect(tmp_path / "journal" / "journal.sqlite3")) as db:
-        return db.execute(
-            "SELECT m.message_id, d.sink FROM deliveries d JOIN messages m USING (seq)"
-            " ORDER BY d.seq, d.sink"
-        ).fetchall()
+    return query_journal(
+        tmp_path / "journal",
+        "SELECT message_id, type, routed, duplicates FROM messages ORDER BY seq",
+    )
 
 
 def files(directory: Path) -> list[Path]:
@@ -444,7 +430,7 @@ async def test_with_no_default_an_unmatched_message_is_kept_unrouted(
     assert (unknown_id, ()) in recorder.received
     assert unknown_id not in [mid for mid, _, _ in recorder.delivered]
     assert (unknown_id, "brand.new-type", 0, 0) in stored(tmp_path)
-    assert unknown_id not in [mid for mid, _ in deliveries(tmp_path)]
+    assert unknown_id not in [mid for mid, *_ in deliveries(config)]
     assert [p.name for p in files(tmp_path / "out")] == ["patient.admit.jsonl"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from router.errors import JournalUnavailable
 from router.journal import Appended, Journal, Outcome
 from router.message import Message
 from router.testing import body_for
+from tests.conftest import query_journal as query
 
 pytestmark = pytest.mark.anyio
 
@@ -34,15 +34,6 @@ async def opened(directory: Path) -> AsyncIterator[Journal]:
         yield journal
     finally:
         await journal.close()
-
-
-def query(directory: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Read the journal file with a separate, plain SQLite connection."""
-    conn = sqlite3.connect(directory / "journal.sqlite3")
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 async def test_append_stores_body_verbatim_and_one_pending_delivery_per_sink(

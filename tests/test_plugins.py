@@ -15,39 +15,10 @@ import pytest
 from router import Message, PermanentError, RetryableError, SendResult, Sink, SinkOptions, hookimpl
 from router.config import Config, load_config
 from router.errors import ConfigError
-from router.testing import Recorder, body_for, running_router, sign, write_config
-from tests.conftest import TEST_KEY, base_config
+from router.testing import Recorder, SinkPlugin, body_for, running_router, write_config
+from tests.conftest import base_config, post, recording_sink
 
 pytestmark = pytest.mark.anyio
-
-
-class SinkPlugin:
-    """A throwaway plugin providing the given sink classes."""
-
-    def __init__(self, *classes: type[Sink[Any]], name: str = "test-sinks") -> None:
-        self.classes = list(classes)
-        self.__name__ = name
-
-    @hookimpl
-    def router_sink_types(self) -> list[type[Sink[Any]]]:
-        return self.classes
-
-
-def collecting_sink(type_name: str, log: list[tuple[str, str, int]]) -> type[Sink[Any]]:
-    class Collecting(Sink[SinkOptions]):
-        type = type_name
-
-        async def send(self, batch: Sequence[Message]) -> SendResult:
-            log.extend((self.name, m.message_id, m.attempt) for m in batch)
-            return None
-
-    return Collecting
-
-
-async def post(client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
-    return await client.post(
-        url, content=body, headers={"x-metriport-signature": sign(body, TEST_KEY)}
-    )
 
 
 def load_with_plugins(tmp_path: Path, plugins: list[str], **overrides: Any) -> Config:
@@ -57,7 +28,7 @@ def load_with_plugins(tmp_path: Path, plugins: list[str], **overrides: Any) -> C
 
 async def test_an_inline_sink_type_is_used(make_config: Callable[..., Config]) -> None:
     received: list[tuple[str, str, int]] = []
-    Collecting = collecting_sink("collect", received)
+    Collecting = recording_sink("collect", received)
     recorder = Recorder()
     config = make_config(
         extra_plugins=(SinkPlugin(Collecting), recorder),
@@ -176,8 +147,8 @@ def test_a_hook_without_hookimpl_is_a_config_error(tmp_path: Path) -> None:
 def test_two_plugins_providing_one_sink_type_is_a_config_error(
     make_config: Callable[..., Config],
 ) -> None:
-    first = SinkPlugin(collecting_sink("dup", []), name="alpha")
-    second = SinkPlugin(collecting_sink("dup", []), name="beta")
+    first = SinkPlugin(recording_sink("dup", []), name="alpha")
+    second = SinkPlugin(recording_sink("dup", []), name="beta")
     with pytest.raises(ConfigError) as info:
         make_config(extra_plugins=(first, second))
     text = str(info.value)
@@ -190,7 +161,7 @@ def test_a_plugin_shadowing_a_built_in_sink_type_is_a_config_error(
     make_config: Callable[..., Config],
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        make_config(extra_plugins=(SinkPlugin(collecting_sink("file", []), name="impostor"),))
+        make_config(extra_plugins=(SinkPlugin(recording_sink("file", []), name="impostor"),))
     text = str(info.value)
     assert "'file'" in text
     assert "plugins.file" in text
@@ -323,7 +294,7 @@ async def test_an_async_observer_is_awaited(make_config: Callable[..., Config]) 
 
     recorder = Recorder()
     config = make_config(
-        extra_plugins=(SinkPlugin(collecting_sink("c", [])), Slowpoke(), recorder),
+        extra_plugins=(SinkPlugin(recording_sink("c", [])), Slowpoke(), recorder),
         default=["c"],
         sinks={"c": {"type": "c"}},
     )
