@@ -21,7 +21,9 @@ key, so an existing Metriport receiver works unchanged behind the router.
 
 Answers: 2xx delivered; 408, 425, 429, 5xx, connection errors and timeouts are retried
 (honouring ``Retry-After``); redirects (not followed unless ``follow_redirects``) and other
-4xx dead-letter unless listed in ``retry_on``.
+4xx dead-letter unless listed in ``retry_on``. With ``follow_redirects``, a redirect that would
+re-send the request as a body-less GET (301, 302, 303) dead-letters too; 307 and 308 keep the
+method and body.
 """
 
 from __future__ import annotations

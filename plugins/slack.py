@@ -40,6 +40,7 @@ from router import (
     Message,
     PermanentError,
     RetryableError,
+    SendResult,
     Sink,
     SinkContext,
     SinkOptions,
@@ -173,13 +174,17 @@ def summary(message: Message, options: SlackOptions) -> str:
         doc = {}
     info = facts(doc if isinstance(doc, dict) else {})
     status = info["status"] or ("finished" if message.type.startswith("medical.") else "")
+    status = escape(status)
     title = next(t for pattern, t in TITLES if matches(pattern, message.type))
     title = title.replace("{status}", status).strip()
+    type_, message_id, when = (
+        escape(v) for v in (message.type, message.message_id, message.when or "")
+    )
     values = _Values(
         title=title,
-        type=message.type,
-        messageId=message.message_id,
-        when=message.when or "",
+        type=type_,
+        messageId=message_id,
+        when=when,
         status=status,
         patients=info["patients"],
         documents=info["documents"],
@@ -187,22 +192,27 @@ def summary(message: Message, options: SlackOptions) -> str:
     for pattern, template in options.templates.items():
         if matches(pattern, message.type):
             return template.format_map(values)
-    lines = [f"*{title}* (`{message.type}`)", f"message `{message.message_id}` at {message.when}"]
+    lines = [f"*{title}* (`{type_}`)", f"message `{message_id}` at {when}"]
     counts = []
     if info["patients"]:
         counts.append(f"patients: {info['patients']}")
     if info["documents"]:
         counts.append(f"documents: {info['documents']}")
     if info["status"]:
-        counts.append(f"status: {info['status']}")
+        counts.append(f"status: {status}")
     if counts:
         lines.append(" · ".join(counts))
     for path in options.fields:
         value = lookup(doc, path)
         if value is not None:
             shown = value if isinstance(value, str) else json.dumps(value)
-            lines.append(f"{path}: {shown[:200]}")
+            lines.append(f"{path}: {escape(shown[:200])}")
     return "\n".join(lines)
+
+
+def escape(text: str) -> str:
+    """Text from the sender made inert in Slack's markup (``<!channel>``, links, mentions)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class SlackSink(Sink[SlackOptions]):
@@ -231,9 +241,19 @@ class SlackSink(Sink[SlackOptions]):
         if self._client is not None:
             await self._client.aclose()
 
-    async def send(self, batch: Sequence[Message]) -> None:
+    async def send(self, batch: Sequence[Message]) -> SendResult:
+        # One post per message, in order; after a failure the rest of the batch is not tried
+        # (Slack is rate-limiting or refusing) and is reported failed with the same error.
+        errors: dict[str, BaseException] = {}
         for message in batch:
-            await self._post(summary(message, self.options))
+            if errors:
+                errors[message.message_id] = next(iter(errors.values()))
+                continue
+            try:
+                await self._post(summary(message, self.options))
+            except Exception as e:
+                errors[message.message_id] = e
+        return errors
 
     async def _post(self, text: str) -> None:
         assert self._client is not None, "open() was not called"

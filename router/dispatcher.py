@@ -50,6 +50,7 @@ class SinkRunner:
         self.pm = pm
         self.metrics = metrics
         self.inflight: set[int] = set()
+        self._finished: set[int] = set()
         self.active = 0
         self.opened = False
         self.stopping = False
@@ -95,7 +96,13 @@ class SinkRunner:
             return None  # a finishing worker wakes us
         size = self.cfg.batch_size
         ordered = self.cfg.ordered
-        due = await self.journal.due(self.name, time.time(), free * size, self.inflight, ordered)
+        # The read runs on a snapshot taken in a worker thread: a delivery that finishes (is
+        # recorded and leaves ``inflight``) while it runs may still look pending in it, so
+        # whatever finishes meanwhile is dropped from the answer too.
+        self._finished = set()
+        exclude = frozenset(self.inflight)
+        due = await self.journal.due(self.name, time.time(), free * size, exclude, ordered)
+        due = [d for d in due if d.seq not in self._finished]
         if due:
             for i in range(0, len(due), size):
                 chunk = due[i : i + size]
@@ -103,7 +110,7 @@ class SinkRunner:
                 self.active += 1
                 tg.start_soon(self._deliver, chunk)
             return 0.0
-        return await self.journal.next_due_at(self.name, self.inflight, ordered)
+        return await self.journal.next_due_at(self.name, frozenset(self.inflight), ordered)
 
     async def _open(self) -> None:
         attempt = 0
@@ -142,6 +149,7 @@ class SinkRunner:
             await anyio.sleep(1.0)
         finally:
             self.inflight.difference_update(seqs)
+            self._finished.update(seqs)
             self.active -= 1
             self._wake.set()
 

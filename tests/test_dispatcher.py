@@ -471,3 +471,39 @@ async def test_the_sink_receives_the_body_bytes_verbatim(
         assert (await post(client, router.webhook_url, body)).status_code == 200
         await recorder.wait_for(lambda r: len(r.delivered) == 1)
     assert bodies == [body]
+
+
+async def test_concurrent_workers_never_send_one_delivery_twice(
+    make_config: Callable[..., Config],
+) -> None:
+    # Regression: a due-read snapshot taken while a worker finished used to show that
+    # worker's delivery as still pending, so it was sent again with the same attempt number.
+    calls: list[tuple[str, str, int]] = []
+
+    class FailFirst(Sink[SinkOptions]):
+        type = "failfirst"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            for m in batch:
+                calls.append((self.name, m.message_id, m.attempt))
+                if m.attempt == 1:
+                    raise RetryableError("first attempt fails")
+            return None
+
+    policy = {"type": "failfirst", "concurrency": 8, "retry": {**FAST, "max_attempts": 0}}
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(FailFirst), recorder),
+        default=["a", "b"],
+        sinks={"a": policy, "b": policy},
+    )
+    count = 40
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for i in range(count):
+            assert (
+                await post(client, router.webhook_url, body_for(message_id=f"m-{i}"))
+            ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 2 * count)
+    assert sorted(calls) == sorted(
+        (sink, f"m-{i}", attempt) for sink in "ab" for i in range(count) for attempt in (1, 2)
+    )

@@ -12,8 +12,8 @@ import pytest
 from router import Message, RetryableError, SendResult, Sink, SinkOptions
 from router.config import Config
 from router.parse import order_key, parse
-from router.testing import Recorder, SinkPlugin, body_for, running_router, sign
-from tests.conftest import TEST_KEY
+from router.testing import Recorder, SinkPlugin, body_for, running_router
+from tests.conftest import post
 
 pytestmark = pytest.mark.anyio
 
@@ -60,12 +60,7 @@ async def test_one_patients_failing_message_holds_back_only_that_patient(
     ]  # fmt: skip
     async with running_router(config) as router, httpx.AsyncClient() as client:
         for body in bodies:
-            r = await client.post(
-                router.webhook_url,
-                content=body,
-                headers={"x-metriport-signature": sign(body, TEST_KEY)},
-            )
-            assert r.status_code == 200
+            assert (await post(client, router.webhook_url, body)).status_code == 200
         await recorder.wait_for(lambda r: len(r.delivered) == 6)
 
     order = [mid for _, mid, _ in sent]
@@ -105,12 +100,7 @@ async def test_an_ordered_sink_never_has_two_messages_of_one_patient_in_flight(
     bodies = [admit(f"m{i}", f"P{i % 3}") for i in range(30)]
     async with running_router(config) as router, httpx.AsyncClient() as client:
         for body in bodies:
-            r = await client.post(
-                router.webhook_url,
-                content=body,
-                headers={"x-metriport-signature": sign(body, TEST_KEY)},
-            )
-            assert r.status_code == 200
+            assert (await post(client, router.webhook_url, body)).status_code == 200
         await recorder.wait_for(lambda r: len(r.delivered) == 30)
 
     assert overlaps == []

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from plugins.slack import SlackOptions, summary
-from router import hookimpl
+from plugins.slack import SlackOptions, SlackSink, summary
+from router import RetryableError, SinkContext, hookimpl
 from router.config import Config
 from router.errors import ConfigError
 from router.message import Message
@@ -209,7 +209,7 @@ async def test_the_exact_json_posted_through_both_apis(
     assert recorder.dead == [] and recorder.failed == []
 
 
-def identifiers(doc: Any, key: str = "") -> set[str]:
+def identifiers(doc: Any) -> set[str]:
     """Every identifier, link and description in a Metriport body: the values a summary must
     never show unless asked to."""
     sensitive = {"patientId", "externalId", "userId", "url", "description", "fileName", "id"}
@@ -222,10 +222,10 @@ def identifiers(doc: Any, key: str = "") -> set[str]:
             elif k in sensitive and isinstance(v, str):
                 found.add(v)
             else:
-                found |= identifiers(v, k)
+                found |= identifiers(v)
     elif isinstance(doc, list):
         for v in doc:
-            found |= identifiers(v, key)
+            found |= identifiers(v)
     return found
 
 
@@ -309,6 +309,40 @@ async def test_fields_add_the_chosen_values(
         + "\npatients[0].documents[1].description:"
         + " Discharge Summary (Résumé de sortie) \u2013 Hôpital Saint-Éloi",
     ]
+
+
+def test_sender_text_cannot_use_slack_markup() -> None:
+    options = SlackOptions.model_validate(
+        {"webhook_url": "http://slack.invalid/hook", "fields": ["payload.note"]}
+    )
+    body = body_for("vendor.<!channel>", "m-<@U1>", payload={"note": "<!here> & <http://x|y>"})
+    text = summary(Message("m-<@U1>", "vendor.<!channel>", None, body, 0.0), options)
+    assert "<" not in text and ">" not in text
+    assert "`vendor.&lt;!channel&gt;`" in text
+    assert "message `m-&lt;@U1&gt;`" in text
+    assert "payload.note: &lt;!here&gt; &amp; &lt;http://x|y&gt;" in text
+
+
+async def test_a_batch_stops_at_the_first_refusal_and_reports_the_rest_failed(
+    slack: FakeSlack,
+) -> None:
+    options = SlackOptions.model_validate({"webhook_url": slack.peer.url(HOOK)})
+    context = SinkContext("hook", Path("."), timeout=10, concurrency=1, batch_size=3)
+    sink = SlackSink(options, context)
+    slack.once[HOOK] = deque([Reply(200, {}, b"ok"), Reply(429, {"retry-after": "3"}, b"")])
+    batch = [
+        Message(f"m-{i}", "patient.admit", None, body_for(message_id=f"m-{i}"), 0.0)
+        for i in range(3)
+    ]
+    await sink.open()
+    try:
+        errors = await sink.send(batch)
+    finally:
+        await sink.close()
+    assert errors is not None
+    assert sorted(errors) == ["m-1", "m-2"]
+    assert all(isinstance(e, RetryableError) and e.retry_after == 3 for e in errors.values())
+    assert len(slack.posted(HOOK)) == 2  # m-2 was not tried after Slack said to wait
 
 
 def test_templates_override_the_text_per_type_glob() -> None:
