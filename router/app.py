@@ -2,24 +2,28 @@
 
 Start: open the journal (recovery is implicit: pending deliveries are simply due), dead-letter
 deliveries to sinks that no longer exist, bind the listeners, start the dispatcher, report
-READY. Stop (SIGTERM/SIGINT): stop accepting, let requests in flight finish (hypercorn's
-graceful timeout), let deliveries in flight finish (bounded), close sinks, checkpoint and close
-the journal.
+READY. SIGHUP: reload (validate everything first; on any error keep the running configuration).
+SIGTERM/SIGINT: stop accepting, let requests in flight finish (hypercorn's graceful timeout),
+let deliveries in flight finish (bounded), close sinks, checkpoint and close the journal.
+Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC`` asks for it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable
 
 import anyio
+import anyio.to_thread
 
-from router import server
+from router import logs, server
 from router.auth import Verifier
-from router.config import Config
+from router.config import Config, load_config
 from router.dispatcher import Dispatcher
-from router.errors import ListenError
+from router.errors import ConfigError, JournalUnavailable, ListenError
 from router.ingress import Ingress, Runtime
 from router.journal import Journal
 from router.logs import kv
@@ -31,91 +35,205 @@ log = logging.getLogger("router")
 #: How long deliveries in flight may take to finish at shutdown before they are cancelled
 #: (a cancelled delivery stays pending and is sent again after the restart).
 DELIVERY_DRAIN_SECONDS = 5.0
+#: The retention sweep's period, and its first run after start.
+SWEEP_EVERY = 3600.0
+FIRST_SWEEP_AFTER = 60.0
+#: What a reload cannot change (the listening sockets and the journal stay as they are).
+RESTART_ONLY = ("server.listen", "server.admin_listen", "journal.path")
 
 
 async def serve(
     config: Config,
     *,
     stop: anyio.Event | None = None,
-    on_ready: Callable[[list[str]], None] | None = None,
+    on_ready: Callable[[list[str], Daemon], None] | None = None,
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT, or until ``stop`` is set when one is given (then
-    no signal handlers are installed: that is how tests run it in-process)."""
+    no signal handlers are installed: that is how tests run it in-process, calling
+    ``Daemon.reload`` for what SIGHUP does). ``on_ready`` gets the listening addresses."""
     journal = Journal(config.journal.path)
     await journal.open()
     try:
-        await _serve(config, journal, stop, on_ready)
+        await Daemon(config, journal).run(stop, on_ready)
     finally:
         with anyio.CancelScope(shield=True):
             await journal.close()
     log.info(kv("stopped"))
 
 
-async def _serve(
-    config: Config,
-    journal: Journal,
-    stop: anyio.Event | None,
-    on_ready: Callable[[list[str]], None] | None,
-) -> None:
-    orphans = await journal.dead_letter_sinks_not_in(config.sinks, "sink is no longer configured")
-    for sink, count in orphans.items():
-        log.warning(kv("dead-letter", sink=sink, count=count, reason="sink no longer configured"))
-    metrics = Metrics()
-    dispatcher = Dispatcher(config, journal, metrics)
-    runtime = Runtime(
+class Daemon:
+    def __init__(self, config: Config, journal: Journal) -> None:
+        self.journal = journal
+        self.metrics = Metrics()
+        self.dispatcher = Dispatcher(config, journal, self.metrics)
+        self.ingress = Ingress(_runtime(config, journal, self.dispatcher, self.metrics))
+
+    @property
+    def config(self) -> Config:
+        return self.ingress.runtime.config
+
+    async def run(
+        self, stop: anyio.Event | None, on_ready: Callable[[list[str], Daemon], None] | None
+    ) -> None:
+        config = self.config
+        orphans = await self.journal.dead_letter_sinks_not_in(
+            config.sinks, "sink is no longer configured"
+        )
+        for sink, count in orphans.items():
+            log.warning(kv("dead-letter", sink=sink, count=count, reason="sink not configured"))
+        hc = server.hypercorn_config(config.server)
+        sockets = _bind(hc, config.server.listen)
+        admin = None
+        if config.server.admin_listen:
+            admin_hc = server.hypercorn_config(config.server, config.server.admin_listen)
+            admin = (admin_hc, _bind(admin_hc, config.server.admin_listen))
+            self.ingress.admin = False
+        listening = server.addresses(sockets)
+        dispatched = anyio.Event()
+
+        async def dispatch() -> None:
+            try:
+                await self.dispatcher.run()
+            finally:
+                dispatched.set()
+
+        async with anyio.create_task_group() as tg:
+            if stop is None:
+                stop = anyio.Event()
+                tg.start_soon(self._watch_signals, stop)
+            tg.start_soon(dispatch)
+            tg.start_soon(self._sweep_periodically)
+            tg.start_soon(self._watchdog)
+            if admin is not None:
+                admin_app = Ingress(self.ingress.runtime, webhook=False)
+                tg.start_soon(server.serve, _Follow(self.ingress, admin_app), *admin, stop.wait)
+            log.info(
+                kv(
+                    "listening",
+                    on=",".join(listening),
+                    admin=",".join(server.addresses(admin[1])) if admin else None,
+                    path=config.server.path,
+                    sinks=",".join(config.sinks),
+                    journal=str(self.journal.path),
+                )
+            )
+            notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
+            if on_ready is not None:
+                on_ready(listening, self)
+            await server.serve(self.ingress, hc, sockets, stop.wait)
+            notify("STOPPING=1")
+            log.info(kv("stopping"))
+            self.dispatcher.stop()
+            with anyio.move_on_after(DELIVERY_DRAIN_SECONDS):
+                await dispatched.wait()
+            tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self.dispatcher.close()
+
+    async def reload(self) -> bool:
+        """Load the configuration file again and switch to it; on any error keep running the
+        current one. Returns whether the new configuration took effect."""
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        old = self.config
+        try:
+            new = await anyio.to_thread.run_sync(load_config, old.file)
+            changes = await self.dispatcher.reconfigure(new)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error(kv("reload-refused", problem=str(problem)))
+            self.metrics.reloads.labels("refused").inc()
+            notify("READY=1", "STATUS=reload refused: configuration invalid, old one kept")
+            return False
+        except Exception as e:
+            log.error(kv("reload-refused", error=type(e).__name__, detail=str(e)[:200]))
+            self.metrics.reloads.labels("refused").inc()
+            notify("READY=1", "STATUS=reload refused, old configuration kept")
+            return False
+        for key in RESTART_ONLY:
+            if _get(old, key) != _get(new, key):
+                log.warning(kv("reload-needs-restart", key=key, hint="restart to apply"))
+        logs.setup(new.log.level, new.log.format)
+        for warning in new.warnings:
+            log.warning(warning)
+        self.ingress.runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)
+        self.metrics.reloads.labels("applied").inc()
+        log.info(kv("reloaded", sinks=",".join(f"{n}:{c}" for n, c in sorted(changes.items()))))
+        notify("READY=1", "STATUS=configuration reloaded")
+        return True
+
+    async def _watch_signals(self, stop: anyio.Event) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info(kv("signal", name=signal.Signals(signum).name))
+                stop.set()
+
+    async def _sweep_periodically(self) -> None:
+        await anyio.sleep(FIRST_SWEEP_AFTER)
+        while True:
+            await self.sweep()
+            await anyio.sleep(SWEEP_EVERY)
+
+    async def sweep(self) -> None:
+        """Apply journal retention, and dead-letter deliveries left to sinks that are gone."""
+        config = self.config
+        try:
+            removed = await self.journal.sweep(config.journal.retention)
+            await self.journal.dead_letter_sinks_not_in(
+                config.sinks, "sink removed from the configuration"
+            )
+        except JournalUnavailable as e:
+            log.error(kv("sweep-failed", error=str(e)))
+            return
+        self.metrics.swept.inc(removed)
+        if removed:
+            log.info(kv("swept", messages=removed, retention_s=config.journal.retention))
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while the journal writer is alive."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+            return
+        interval = int(usec) / 2e6
+        while True:
+            if self.journal.alive():
+                notify("WATCHDOG=1")
+            await anyio.sleep(interval)
+
+
+class _Follow:
+    """An ASGI app that always calls ``source``'s current runtime through ``app`` (the admin
+    listener follows reloads of the main one)."""
+
+    def __init__(self, source: Ingress, app: Ingress) -> None:
+        self.source = source
+        self.app = app
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        self.app.runtime = self.source.runtime
+        await self.app(scope, receive, send)
+
+
+def _runtime(config: Config, journal: Journal, dispatcher: Dispatcher, metrics: Metrics) -> Runtime:
+    return Runtime(
         config=config,
         verifier=Verifier(config.key_bytes(), config.auth.accept),
         journal=journal,
         dispatcher=dispatcher,
         metrics=metrics,
     )
-    hc = server.hypercorn_config(config.server)
+
+
+def _bind(hc: server.HypercornConfig, listen: list[str]) -> server.Sockets:
     try:
-        sockets = server.bind(hc)
+        return server.bind(hc)
     except (OSError, ValueError) as e:
-        raise ListenError(f"cannot listen on {', '.join(config.server.listen)}: {e}") from e
-    listening = server.addresses(sockets)
-    dispatched = anyio.Event()
-
-    async def dispatch() -> None:
-        try:
-            await dispatcher.run()
-        finally:
-            dispatched.set()
-
-    async with anyio.create_task_group() as tg:
-        if stop is None:
-            stop = anyio.Event()
-            tg.start_soon(_watch_signals, stop)
-        tg.start_soon(dispatch)
-        log.info(
-            kv(
-                "listening",
-                on=",".join(listening),
-                path=config.server.path,
-                sinks=",".join(config.sinks),
-                journal=str(journal.path),
-            )
-        )
-        notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
-        if on_ready is not None:
-            on_ready(listening)
-        await server.serve(Ingress(runtime), hc, sockets, stop.wait)
-        notify("STOPPING=1")
-        log.info(kv("stopping", reason="signal"))
-        dispatcher.stop()
-        with anyio.move_on_after(DELIVERY_DRAIN_SECONDS):
-            await dispatched.wait()
-        tg.cancel_scope.cancel()
-    with anyio.CancelScope(shield=True):
-        await dispatcher.close()
+        raise ListenError(f"cannot listen on {', '.join(listen)}: {e}") from e
 
 
-async def _watch_signals(stop: anyio.Event) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                log.warning(kv("reload-unsupported", hint="restart the service to apply changes"))
-                continue
-            log.info(kv("signal", name=signal.Signals(signum).name))
-            stop.set()
+def _get(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)

@@ -84,6 +84,11 @@ class ServerConfig(_Strict):
         default_factory=lambda: ["127.0.0.1:8080"], min_length=1
     )
     path: Annotated[str, Field(pattern=r"^/")] = "/webhook"
+    #: Where /healthz, /readyz and /metrics are served instead of on ``listen`` (keeps them
+    #: off the public address). Empty: served on ``listen``.
+    admin_listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
+        default_factory=list
+    )
     max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
     route_ping: bool = False
     graceful_timeout: Duration = 10.0
@@ -100,6 +105,16 @@ class AuthConfig(_Strict):
 
 class JournalConfig(_Strict):
     path: ConfigPath = Path("var/journal")
+    #: How long a message stays after every sink it was routed to has it. Dead letters and
+    #: unrouted messages stay until an operator deals with them.
+    retention: Duration = 7 * 86400.0
+
+
+class LogConfig(_Strict):
+    format: Literal["plain", "json"] = "plain"
+    level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = (
+        "info"
+    )
 
 
 def _one_or_many(value: Any) -> Any:
@@ -151,6 +166,7 @@ class _Document(_Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig
     journal: JournalConfig = JournalConfig()
+    log: LogConfig = LogConfig()
     routes: list[RouteConfig] = Field(default_factory=list)
     default: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -190,6 +206,7 @@ class Config:
     server: ServerConfig
     auth: AuthConfig
     journal: JournalConfig
+    log: LogConfig
     routes: RouteTable
     sinks: Mapping[str, SinkConfig]
     plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
@@ -266,6 +283,7 @@ def load_config(
         server=doc.server,
         auth=doc.auth,
         journal=doc.journal,
+        log=doc.log,
         routes=table,
         sinks=sinks,
         plugin_manager=pm,
@@ -375,6 +393,7 @@ _CORE_MODELS: dict[yamlsource.KeyPath, type[BaseModel]] = {
     ("server",): ServerConfig,
     ("auth",): AuthConfig,
     ("journal",): JournalConfig,
+    ("log",): LogConfig,
     ("routes", 0): RouteConfig,
 }
 _UNION_TAG = re.compile(r"^(str|int|float|bool|[a-z]+\[.*\]|function-.*)$")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,6 +30,11 @@ from router.retry import backoff, decide, describe_error
 from router.sink import Sink
 
 log = logging.getLogger("router.delivery")
+
+#: The longest a runner waits before looking at the journal again (seconds).
+IDLE_POLL = 2.0
+#: How long a sink being retired by a reload may take to finish its deliveries in flight.
+RETIRE_SECONDS = 10.0
 
 
 class SinkRunner:
@@ -55,6 +59,8 @@ class SinkRunner:
         self.opened = False
         self.stopping = False
         self._stopped = anyio.Event()
+        self._done = anyio.Event()
+        self._scope = anyio.CancelScope()
         self.last_error: str | None = None
         self._wake = anyio.Event()
 
@@ -65,6 +71,35 @@ class SinkRunner:
     def notify(self) -> None:
         """A delivery may be due: look again."""
         self._wake.set()
+
+    async def supervise(self) -> None:
+        """``run`` inside a cancel scope of its own, so that a reload can retire this runner
+        alone."""
+        with anyio.CancelScope() as self._scope:
+            try:
+                await self.run()
+            finally:
+                self._done.set()
+
+    async def retire(self, grace: float) -> None:
+        """After ``stop``: wait for deliveries in flight (cancelled after ``grace`` seconds),
+        then close the sink."""
+        with anyio.move_on_after(grace):
+            await self._done.wait()
+        if not self._done.is_set():
+            self._scope.cancel()
+            await self._done.wait()
+        await self.close_sink()
+
+    async def close_sink(self) -> None:
+        if not self.opened:
+            return
+        self.opened = False
+        try:
+            with anyio.fail_after(self.cfg.timeout):
+                await self.sink.close()
+        except Exception as e:
+            log.warning(kv("sink-close-failed", sink=self.name, error=describe_error(e)))
 
     def stop(self) -> None:
         """Start no new deliveries; ``run`` returns once those in flight have finished."""
@@ -84,8 +119,10 @@ class SinkRunner:
                     next_at = time.time() + 1.0
                 if next_at == 0.0:
                     continue
-                timeout = math.inf if next_at is None else max(0.0, next_at - time.time())
-                with anyio.move_on_after(timeout):
+                # Look at the journal at least every IDLE_POLL seconds even when nothing is
+                # due: operators (``dead retry``, ``replay``) change it from outside.
+                timeout = IDLE_POLL if next_at is None else max(0.0, next_at - time.time())
+                with anyio.move_on_after(min(timeout, IDLE_POLL)):
                     await wake.wait()
 
     async def _dispatch_due(self, tg: anyio.abc.TaskGroup) -> float | None:
@@ -236,19 +273,22 @@ class SinkRunner:
 
 
 class Dispatcher:
-    """All sink runners of one configuration."""
+    """The sink runners of the configuration in force; ``reconfigure`` swaps them on reload."""
 
     def __init__(self, config: Config, journal: Journal, metrics: Metrics) -> None:
-        self.runners = {
-            name: SinkRunner(
-                cfg,
-                cfg.build(config.base_dir),
-                journal,
-                config.plugin_manager,
-                metrics,
-            )
-            for name, cfg in config.sinks.items()
+        self.journal = journal
+        self.metrics = metrics
+        self.runners: dict[str, SinkRunner] = {
+            name: self._runner(config, cfg) for name, cfg in config.sinks.items()
         }
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stopping = anyio.Event()
+        self._lock = anyio.Lock()
+
+    def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
+        return SinkRunner(
+            cfg, cfg.build(config.base_dir), self.journal, config.plugin_manager, self.metrics
+        )
 
     def notify(self, sinks: Iterable[str]) -> None:
         for name in sinks:
@@ -257,21 +297,63 @@ class Dispatcher:
                 runner.notify()
 
     async def run(self) -> None:
+        """Run every runner until ``stop``; returns once their deliveries in flight ended."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for runner in self.runners.values():
-                tg.start_soon(runner.run, name=f"sink:{runner.name}")
+                self._start(runner)
+            await self._stopping.wait()
+            for runner in self.runners.values():
+                runner.stop()
+
+    def _start(self, runner: SinkRunner) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(runner.supervise, name=f"sink:{runner.name}")
 
     def stop(self) -> None:
-        for runner in self.runners.values():
-            runner.stop()
+        self._stopping.set()
+
+    async def reconfigure(self, config: Config) -> dict[str, str]:
+        """Move to ``config``'s sinks; return what happened to each changed sink name.
+
+        An unchanged sink keeps its runner and its connections. A new sink starts at once. A
+        changed or removed sink takes no new work, finishes what it has in flight (cancelled
+        after ``RETIRE_SECONDS``; what was cancelled stays pending) and is closed; a changed
+        sink's successor then resumes its pending deliveries, while a removed sink's pending
+        deliveries are dead-lettered with that reason."""
+        async with self._lock:
+            changes: dict[str, str] = {}
+            runners: dict[str, SinkRunner] = {}
+            for name, cfg in config.sinks.items():
+                old = self.runners.get(name)
+                if old is not None and old.cfg == cfg:
+                    old.pm = config.plugin_manager
+                    runners[name] = old
+                else:
+                    runners[name] = self._runner(config, cfg)
+                    changes[name] = "added" if old is None else "changed"
+            retired = [r for name, r in self.runners.items() if runners.get(name) is not r]
+            for runner in retired:
+                changes.setdefault(runner.name, "removed")
+            self.runners = runners
+            for name, change in changes.items():
+                if change == "added":
+                    self._start(runners[name])
+            for runner in retired:
+                runner.stop()
+            for runner in retired:
+                await runner.retire(RETIRE_SECONDS)
+            for name, change in changes.items():
+                if change == "changed":
+                    self._start(runners[name])
+            removed = await self.journal.dead_letter_sinks_not_in(
+                runners, "sink removed from the configuration"
+            )
+            for sink, count in removed.items():
+                log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
+            return changes
 
     async def close(self) -> None:
         """Close every sink that was opened; a failure to close is logged, not raised."""
         for runner in self.runners.values():
-            if not runner.opened:
-                continue
-            try:
-                with anyio.fail_after(runner.cfg.timeout):
-                    await runner.sink.close()
-            except Exception as e:
-                log.warning(kv("sink-close-failed", sink=runner.name, error=describe_error(e)))
+            await runner.close_sink()

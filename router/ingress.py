@@ -55,8 +55,14 @@ class Disconnected(Exception):
 
 
 class Ingress:
-    def __init__(self, runtime: Runtime) -> None:
+    """The ASGI app. ``webhook``/``admin`` choose what it serves: with ``server.admin_listen``
+    the daemon runs one instance for the webhook and another, on the admin address, for
+    health, readiness and metrics."""
+
+    def __init__(self, runtime: Runtime, *, webhook: bool = True, admin: bool = True) -> None:
         self.runtime = runtime
+        self.webhook = webhook
+        self.admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -66,10 +72,10 @@ class Ingress:
             return
         rt = self.runtime
         path = scope["path"]
-        if path == rt.config.server.path:
+        if self.webhook and path == rt.config.server.path:
             status = await self._webhook(rt, scope, receive, send)
             rt.metrics.requests.labels(str(status)).inc()
-        elif path in ("/healthz", "/readyz", "/metrics"):
+        elif self.admin and path in ("/healthz", "/readyz", "/metrics"):
             if scope["method"] not in ("GET", "HEAD"):
                 await respond(send, 405, headers=[(b"allow", b"GET, HEAD")])
             elif path == "/healthz":
@@ -77,6 +83,7 @@ class Ingress:
             elif path == "/readyz":
                 await self._ready(rt, send)
             else:
+                await rt.metrics.refresh(rt.journal, rt.dispatcher.runners)
                 await respond(send, 200, rt.metrics.render(), CONTENT_TYPE.encode())
         else:
             await respond(send, 404, b'{"error":"not found"}', JSON)

@@ -69,7 +69,9 @@ CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (sink, next_attempt_at, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_order
     ON deliveries (sink, order_key, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (sink, seq) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS messages_unrouted ON messages (seq) WHERE routed = 0;
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
 """
 
 _DUE = """SELECT seq, attempts FROM deliveries
@@ -121,11 +123,26 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class SinkCounts:
-    pending: int
-    retrying: int
+    pending: int  # never attempted yet
+    retrying: int  # attempted, waiting for the next attempt
     dead: int
-    delivered: int
     oldest_pending_at: float | None
+
+
+def sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
+    """Pending, retrying and dead counts and the oldest pending receipt time, per sink."""
+    counts: dict[str, list[Any]] = {}
+    for sink, fresh, retrying, oldest in conn.execute(
+        """SELECT d.sink, sum(d.attempts = 0), sum(d.attempts > 0), min(m.received_at)
+           FROM deliveries d JOIN messages m USING (seq)
+           WHERE d.state = 'pending' GROUP BY d.sink"""
+    ):
+        counts[sink] = [fresh, retrying, 0, oldest]
+    for sink, dead in conn.execute(
+        "SELECT sink, count(*) FROM deliveries WHERE state = 'dead' GROUP BY sink"
+    ):
+        counts.setdefault(sink, [0, 0, 0, None])[2] = dead
+    return {sink: SinkCounts(*values) for sink, values in counts.items()}
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -197,6 +214,8 @@ class Journal:
                     f"journal {self.path} has schema {version}, newer than this version "
                     f"understands ({SCHEMA_VERSION}): upgrade webhook-router"
                 )
+            if version == 0:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
@@ -227,6 +246,10 @@ class Journal:
                 log.warning("journal checkpoint at close failed: %s", e)
             self._conn.close()
             del self._conn
+
+    def alive(self) -> bool:
+        """Whether the writer thread runs (for the systemd watchdog)."""
+        return self._writer is not None and self._writer.is_alive()
 
     # -- the writer thread -----------------------------------------------------------------
 
@@ -454,32 +477,60 @@ class Journal:
         return result
 
     async def sink_counts(self) -> dict[str, SinkCounts]:
-        """Delivery counts per sink (for status and metrics)."""
-
-        def read(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
-            rows = conn.execute(
-                """SELECT sink,
-                          sum(state = 'pending' AND attempts = 0),
-                          sum(state = 'pending' AND attempts > 0),
-                          sum(state = 'dead'),
-                          sum(state = 'delivered'),
-                          min(CASE WHEN state = 'pending' THEN m.received_at END)
-                   FROM deliveries JOIN messages m USING (seq) GROUP BY sink"""
-            ).fetchall()
-            return {row[0]: SinkCounts(*row[1:]) for row in rows}
-
-        result: dict[str, SinkCounts] = await self._read(read)
+        """Pending, retrying and dead counts and the oldest pending receipt time, per sink.
+        Reads only undelivered rows (partial indexes), so it stays cheap on a large journal."""
+        result: dict[str, SinkCounts] = await self._read(sink_counts)
         return result
 
     async def unrouted_count(self) -> int:
         def read(conn: sqlite3.Connection) -> int:
-            count: int = conn.execute("SELECT count(*) FROM messages WHERE routed = 0").fetchone()[
-                0
-            ]
-            return count
+            row = conn.execute("SELECT count(*) FROM messages WHERE routed = 0").fetchone()
+            return int(row[0])
 
         result: int = await self._read(read)
         return result
+
+    def size_bytes(self) -> int:
+        """The journal's size on disk (database, write-ahead log, bodies stored beside it)."""
+        total = 0
+        for path in self.directory.iterdir():
+            if path.name.startswith(self.path.name) or path.name == "bodies":
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+        return total
+
+    async def sweep(self, retention: float, now: float | None = None, batch: int = 1000) -> int:
+        """Remove messages older than ``retention`` whose every delivery is done; return how
+        many. Dead letters and unrouted messages are kept. Works in small transactions so
+        requests are never held up for long."""
+        cutoff = (time.time() if now is None else now) - retention
+        removed = 0
+        while True:
+
+            def write(conn: sqlite3.Connection) -> int:
+                seqs = [
+                    row[0]
+                    for row in conn.execute(
+                        """SELECT m.seq FROM messages m
+                           WHERE m.received_at < ? AND m.routed = 1 AND NOT EXISTS (
+                               SELECT 1 FROM deliveries d
+                               WHERE d.seq = m.seq AND d.state != 'delivered')
+                           ORDER BY m.seq LIMIT ?""",
+                        (cutoff, batch),
+                    )
+                ]
+                marks = ",".join("?" * len(seqs))
+                conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks})", seqs)  # noqa: S608
+                conn.execute(f"DELETE FROM messages WHERE seq IN ({marks})", seqs)  # noqa: S608
+                return len(seqs)
+
+            count: int = await self._write(write)
+            removed += count
+            if count < batch:
+                break
+        if removed:
+            await self._write(lambda conn: conn.execute("PRAGMA incremental_vacuum(2000)"))
+        return removed
 
     async def ping(self) -> None:
         """Prove the journal can commit a transaction (for readiness)."""

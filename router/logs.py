@@ -1,25 +1,63 @@
-"""Logging: one line per event, ``key=value`` fields, never a body or a key.
+"""Logging: one line per event, never a body or a key.
 
-Callers pass only identifiers (message id, type, sink), outcomes and durations. Values are
-quoted when they contain spaces and control characters are escaped, so a value that came from
-the sender cannot forge a log line.
+Callers pass only identifiers (message id, type, sink), outcomes and durations, through ``kv``.
+Two formats: ``plain`` (``time LEVEL logger event key=value ...``; values with spaces are
+quoted and control characters escaped, so a value that came from the sender cannot forge a log
+line) for journald and terminals, and ``json`` (one JSON object per line with ``ts``, ``level``,
+``logger``, ``event`` and the fields) for log pipelines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any
+import time
+from typing import Any, Literal
 
-_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LogFormat = Literal["plain", "json"]
+_PLAIN = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-def setup(level: str = "INFO") -> None:
+class Event(str):
+    """A log message that also keeps its event name and fields for structured output."""
+
+    event: str
+    fields: dict[str, Any]
+
+    def __new__(cls, event: str, fields: dict[str, Any]) -> Event:
+        parts = [event]
+        parts.extend(f"{k}={_value(v)}" for k, v in fields.items())
+        self = super().__new__(cls, " ".join(parts))
+        self.event = event
+        self.fields = fields
+        return self
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        doc: dict[str, Any] = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if isinstance(record.msg, Event):
+            doc["event"] = record.msg.event
+            doc.update({k: _json_value(v) for k, v in record.msg.fields.items()})
+        else:
+            doc["message"] = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exception"] = record.exc_info[0].__name__
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     # hypercorn logs each request when its access log is on; we keep it off and log our own.
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
 
@@ -34,8 +72,12 @@ def _value(v: Any) -> str:
     return f'"{escaped}"'
 
 
-def kv(event: str, **fields: Any) -> str:
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 3)
+    return v if isinstance(v, int | str | bool) or v is None else str(v)
+
+
+def kv(event: str, **fields: Any) -> Event:
     """``event key=value ...`` with safe quoting; ``None`` fields are left out."""
-    parts = [event]
-    parts.extend(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
-    return " ".join(parts)
+    return Event(event, {k: v for k, v in fields.items() if v is not None})

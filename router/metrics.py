@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from router.errors import JournalUnavailable
+from router.journal import Journal
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -54,6 +60,58 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+
+        self.pending = Gauge(
+            "webhook_router_pending_deliveries",
+            "Deliveries waiting, by sink (retrying ones included).",
+            ["sink"],
+            registry=r,
+        )
+        self.retrying = Gauge(
+            "webhook_router_retrying_deliveries",
+            "Deliveries that failed at least once and wait for their next attempt.",
+            ["sink"],
+            registry=r,
+        )
+        self.dead = Gauge(
+            "webhook_router_dead_letters",
+            "Dead-lettered deliveries kept, by sink.",
+            ["sink"],
+            registry=r,
+        )
+        self.oldest_pending = Gauge(
+            "webhook_router_oldest_pending_seconds",
+            "Age of the oldest message waiting for the sink (0 when none waits).",
+            ["sink"],
+            registry=r,
+        )
+        self.journal_bytes = Gauge(
+            "webhook_router_journal_bytes", "Size of the journal on disk.", registry=r
+        )
+        self.reloads = Counter(
+            "webhook_router_reloads", "Configuration reloads, by result.", ["result"], registry=r
+        )
+        self.swept = Counter(
+            "webhook_router_swept_messages",
+            "Messages removed by the retention sweep.",
+            registry=r,
+        )
+
+    async def refresh(self, journal: Journal, sinks: Iterable[str]) -> None:
+        """Set the gauges read from the journal (called on each scrape)."""
+        try:
+            counts = await journal.sink_counts()
+        except JournalUnavailable:
+            return
+        now = time.time()
+        for sink in set(sinks) | set(counts):
+            c = counts.get(sink)
+            self.pending.labels(sink).set(c.pending + c.retrying if c else 0)
+            self.retrying.labels(sink).set(c.retrying if c else 0)
+            self.dead.labels(sink).set(c.dead if c else 0)
+            oldest = c.oldest_pending_at if c else None
+            self.oldest_pending.labels(sink).set(0 if oldest is None else max(0.0, now - oldest))
+        self.journal_bytes.set(journal.size_bytes())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

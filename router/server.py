@@ -18,12 +18,15 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 
+__all__ = ["HypercornConfig", "Sockets", "addresses", "bind", "hypercorn_config", "serve"]
+
 from router.config import ServerConfig
 
 
-def hypercorn_config(server: ServerConfig) -> HypercornConfig:
+def hypercorn_config(server: ServerConfig, listen: list[str] | None = None) -> HypercornConfig:
+    """Hypercorn's settings for ``listen`` (default: ``server.listen``)."""
     hc = HypercornConfig()
-    hc.bind = list(server.listen)
+    hc.bind = list(server.listen if listen is None else listen)
     hc.graceful_timeout = server.graceful_timeout
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")

@@ -181,6 +181,11 @@ class RunningRouter:
     base_url: str
     webhook_url: str
     config: Config
+    daemon: app.Daemon
+
+    async def reload(self) -> bool:
+        """What SIGHUP does: re-read the configuration file and switch to it if valid."""
+        return await self.daemon.reload()
 
 
 @contextlib.asynccontextmanager
@@ -193,8 +198,11 @@ async def running_router(config: Config) -> AsyncIterator[RunningRouter]:
     ready = anyio.Event()
     urls: list[str] = []
 
-    def on_ready(addresses: list[str]) -> None:
+    daemons: list[app.Daemon] = []
+
+    def on_ready(addresses: list[str], daemon: app.Daemon) -> None:
         urls.extend(addresses)
+        daemons.append(daemon)
         ready.set()
 
     async with anyio.create_task_group() as tg:
@@ -209,7 +217,7 @@ async def running_router(config: Config) -> AsyncIterator[RunningRouter]:
             raise RuntimeError("router stopped before it was ready")
         base = urls[0]
         try:
-            yield RunningRouter(base, base + config.server.path, config)
+            yield RunningRouter(base, base + config.server.path, config, daemons[0])
         finally:
             stop.set()
 

@@ -5,7 +5,8 @@ configuration error can name its file, key path and line. Duplicate keys (which 
 accepts, keeping the last) are errors. A mapping of exactly one key ``env`` or ``file`` with a
 string value is a secret reference and is replaced by the secret's text:
 ``{env: NAME}`` reads an environment variable, ``{file: PATH}`` a file (relative to the
-configuration file's folder; one trailing newline is removed).
+configuration file's folder; one trailing newline is removed), ``{credential: NAME}`` a
+systemd credential (``$CREDENTIALS_DIRECTORY/NAME``, from ``LoadCredential=``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class _Builder:
                 continue
             self.source.lines[key_path] = key_node.start_mark.line + 1
             out[key] = self.build(value_node, key_path)
-        if len(out) == 1 and next(iter(out)) in ("env", "file"):
+        if len(out) == 1 and next(iter(out)) in ("env", "file", "credential"):
             return self._secret(out, path)
         return out
 
@@ -133,7 +134,17 @@ class _Builder:
                 self.source.problem(path, f"environment variable {name} is empty")
                 return None
             return value
-        file = self.base_dir / name
+        if kind == "credential":
+            # systemd's LoadCredential=: files in $CREDENTIALS_DIRECTORY, readable by us alone.
+            directory = self.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                self.source.problem(
+                    path, f"{{credential: {name}}} needs $CREDENTIALS_DIRECTORY (LoadCredential=)"
+                )
+                return None
+            file = Path(directory) / name
+        else:
+            file = self.base_dir / name
         try:
             mode = file.stat().st_mode
             value = file.read_text(encoding="utf-8")

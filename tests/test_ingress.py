@@ -511,7 +511,7 @@ async def test_a_request_in_flight_at_stop_still_gets_its_200(
     ready = anyio.Event()
     urls: list[str] = []
 
-    def on_ready(addresses: list[str]) -> None:
+    def on_ready(addresses: list[str], daemon: app.Daemon) -> None:
         urls.extend(addresses)
         ready.set()
 
