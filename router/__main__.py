@@ -29,12 +29,47 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})"
 
-    serve = commands.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", "-c", help=config_help)
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", "-c", help=config_help)
+        return sub
 
-    check = commands.add_parser("check", help="validate the configuration, print the routes")
-    check.add_argument("--config", "-c", help=config_help)
+    serve = with_config("serve", "run the daemon in the foreground")
+    serve.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides log.level of the configuration",
+    )
+    with_config("check", "validate the configuration, print the routes")
+
+    status = with_config("status", "deliveries per sink: pending, retrying, dead, oldest, error")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dead = commands.add_parser("dead", help="list, retry or purge dead letters")
+    dead_verbs = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    for verb, text in (
+        ("list", "list dead letters (never their bodies)"),
+        ("retry", "make dead letters pending again, with a fresh retry budget"),
+        ("purge", "delete dead letters"),
+    ):
+        sub = dead_verbs.add_parser(verb, help=text, description=text)
+        sub.add_argument("--config", "-c", help=config_help)
+        _add_filters(sub)
+        if verb == "list":
+            sub.add_argument("--limit", type=int, help="show at most N")
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument("--all", action="store_true", help="required when no filter given")
+            sub.add_argument("--dry-run", action="store_true", help="say what, change nothing")
+
+    replay = with_config("replay", "deliver stored messages again (e.g. to a new sink)")
+    replay.add_argument("--since", required=True, help="ISO time (UTC) or a duration ago: 6h")
+    replay.add_argument("--until", help="ISO time (UTC) or a duration ago (default: now)")
+    _add_filters(replay, ids=False)
+    replay.add_argument("--dry-run", action="store_true", help="count, change nothing")
+
+    explain = with_config("explain", "which routes and sinks a message would reach")
+    explain.add_argument("file", type=Path, help="a message body (JSON)")
 
     send = commands.add_parser(
         "send", help="post a signed test message, as Metriport would, and print the answer"
@@ -49,7 +84,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_filters(sub: argparse.ArgumentParser, ids: bool = True) -> None:
+    sub.add_argument("--sink", action="append", default=[], help="only this sink (repeatable)")
+    sub.add_argument("--type", action="append", default=[], help="only types matching this glob")
+    if ids:
+        sub.add_argument("--id", action="append", default=[], help="only this message id")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "send":
         from router.send import send
@@ -64,7 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         _print_check(config)
         return EXIT_OK
-    return _serve(config, args.log_level)
+    if args.command == "serve":
+        return _serve(config, args.log_level)
+    from router import opscli
+    from router.ops import OpsError
+
+    try:
+        return opscli.run(config, args)
+    except OpsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 def _print_problems(path: Path, error: ConfigError) -> None:
@@ -100,12 +159,12 @@ def _print_check(config: Config) -> None:
         )
 
 
-def _serve(config: Config, log_level: str) -> int:
+def _serve(config: Config, log_level: str | None) -> int:
     import anyio
 
     from router import app
 
-    logs.setup(log_level)
+    logs.setup(log_level or config.log.level, config.log.format)
     log = logging.getLogger("router")
     for warning in config.warnings:
         log.warning(warning)
