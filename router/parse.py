@@ -4,16 +4,31 @@ The body must be a JSON object (UTF-8, a BOM tolerated) whose ``meta`` is an obj
 ``type`` and ``messageId`` (``when`` and ``requestId`` are optional strings). Anything else is a
 ``BadMessage`` answered 400. The body itself is never altered: the raw bytes are what is stored
 and forwarded.
+
+A key repeated in the top-level object or in ``meta`` is a ``BadMessage`` too: JSON parsers
+disagree about which of the values counts (first, last, or an error), so a downstream system
+reading the forwarded bytes could see another ``meta.type`` or ``messageId`` than the router
+routed and deduplicated on. Metriport never sends repeated keys. Deeper in the body they are
+accepted: the router reads nothing there that decides where a message goes. The check costs
+nothing on large bodies: only the top-level object is walked key by key (and ``meta`` decoded
+with a hook); every value is decoded by json's C scanner.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
 from dataclasses import dataclass
+from json.decoder import scanstring
 from typing import Any
 
 MAX_ID_LENGTH = 256
+#: Keys a rejection may name (any other key came from the sender and is not echoed).
+_KNOWN_KEYS = frozenset(
+    {"meta", "ping", "payload", "patients", "users", "type", "messageId", "when", "requestId"}
+)
 
 
 class BadMessage(ValueError):
@@ -46,12 +61,15 @@ def parse(body: bytes) -> Parsed:
     except UnicodeDecodeError:
         raise BadMessage("body is not UTF-8") from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        doc = loads(text)
     except BadMessage:
         raise
     except RecursionError:
         raise BadMessage("body is not valid JSON: nested too deeply") from None
     except ValueError as e:
+        if "integer string conversion" in str(e):  # CPython's cap on int(str) digits
+            limit = sys.get_int_max_str_digits()
+            raise BadMessage(f"body is not valid JSON: a number has over {limit} digits") from None
         # JSONDecodeError's text names a position, never content.
         raise BadMessage(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -59,6 +77,8 @@ def parse(body: bytes) -> Parsed:
     meta = doc.get("meta")
     if not isinstance(meta, dict):
         raise BadMessage("meta must be a JSON object")
+    if isinstance(meta, _Repeated):
+        raise BadMessage(f"duplicate key {_name(meta.repeated)}in meta")
     type_ = _field(meta, "type", required=True)
     message_id = _field(meta, "messageId", required=True)
     assert type_ is not None and message_id is not None
@@ -70,6 +90,79 @@ def parse(body: bytes) -> Parsed:
         ping=doc.get("ping") if type_ == "ping" else None,
         order_key=order_key(doc),
     )
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which a key appeared more than once (holding the last value, as
+    ``json.loads`` does); ``repeated`` is the first such key."""
+
+    repeated: str = ""
+
+
+def _flag_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    flagged = _Repeated(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            flagged.repeated = key
+            break
+        seen.add(key)
+    return flagged
+
+
+def _name(key: str) -> str:
+    return f"'{key}' " if key in _KNOWN_KEYS else ""
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_META_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_flag_repeats)
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` (NaN and Infinity refused), except that a key repeated in the top-level
+    object is a ``BadMessage`` and ``meta`` is decoded so that a repeat in it is flagged."""
+    skip = _WS.match
+    i = skip(text, 0).end()
+    if text[i : i + 1] != "{":
+        return _DECODER.decode(text)  # not an object: json's own answer
+    doc: dict[str, Any] = {}
+    i = skip(text, i + 1).end()
+    if text[i : i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i : i + 1] != '"':
+                raise json.JSONDecodeError(
+                    "Expecting property name enclosed in double quotes", text, i
+                )
+            key, i = scanstring(text, i + 1, True)
+            i = skip(text, i).end()
+            if text[i : i + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
+            i = skip(text, i + 1).end()
+            decoder = _META_DECODER if key == "meta" else _DECODER
+            try:
+                value, i = decoder.scan_once(text, i)
+            except StopIteration as e:
+                raise json.JSONDecodeError("Expecting value", text, e.value) from None
+            if key in doc:
+                raise BadMessage(f"duplicate key {_name(key)}in the body")
+            doc[key] = value
+            i = skip(text, i).end()
+            if text[i : i + 1] == "}":
+                i += 1
+                break
+            if text[i : i + 1] != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+            i = skip(text, i + 1).end()
+    end = skip(text, i).end()
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return doc
 
 
 def order_key(doc: dict[str, Any]) -> str:

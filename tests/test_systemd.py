@@ -52,3 +52,16 @@ def test_the_service_is_a_notify_service_that_reloads_with_sighup() -> None:
     assert lines["LoadCredential"].startswith("webhook-key:")
     for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert hardening in lines
+
+
+def test_the_service_configuration_loads_with_the_credential(tmp_path: Path) -> None:
+    from router.config import load_config
+
+    key = tmp_path / "webhook-key"
+    key.write_text("the-key-metriport-shows\n")
+    key.chmod(0o600)
+    config = load_config(SYSTEMD / "config.yaml", environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.key_bytes() == (b"the-key-metriport-shows",)
+    assert config.journal.path == Path("/var/lib/webhook-router/journal")
+    assert config.server.admin_listen == ["127.0.0.1:9090"]
+    assert config.warnings == ()
