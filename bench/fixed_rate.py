@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from payloads import read_pool  # noqa: E402
+from payloads import read_pool
 
 
 @dataclass
@@ -166,7 +166,8 @@ async def run(
 
     await asyncio.gather(*(worker(c) for c in range(connections)))
     result.duration_s = round(last_ack - first_send, 3) if result.completed else 0.0
-    result.achieved_rate = round(result.completed / result.duration_s, 1) if result.duration_s else 0
+    if result.duration_s:
+        result.achieved_rate = round(result.completed / result.duration_s, 1)
     result.first_send_wall = first_send + wall_offset
     result.last_ack_wall = last_ack + wall_offset
     result.latency_ms = percentiles(latencies)

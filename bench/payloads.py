@@ -36,8 +36,8 @@ def _patient(index: int) -> str:
 
 
 def _when(index: int) -> str:
-    seconds = index % 86_400
-    return f"2025-10-16T{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{index % 1000:03d}Z"
+    s = index % 86_400
+    return f"2025-10-16T{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}.{index % 1000:03d}Z"
 
 
 def message_body(tag: int, index: int) -> bytes:

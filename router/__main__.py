@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,9 +94,16 @@ def _add_filters(sub: argparse.ArgumentParser, ids: bool = True) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
+        code = _main(argv)
+        # Flush here, not at interpreter exit: a reader that went away (output piped into
+        # `head` and the like) must be caught below, not reported as an ignored exception.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: point it at /dev/null so that stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return EXIT_OK
 
 
@@ -169,7 +177,7 @@ def _serve(config: Config, log_level: str | None) -> int:
     for warning in config.warnings:
         log.warning(warning)
     try:
-        anyio.run(app.serve, config, backend="asyncio")
+        anyio.run(app.serve, config, backend="asyncio", backend_options=_loop_options())
     except (JournalUnavailable, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -181,6 +189,16 @@ def _serve(config: Config, log_level: str | None) -> int:
         log.critical("unexpected failure", exc_info=log.isEnabledFor(logging.DEBUG))
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _loop_options() -> dict[str, bool]:
+    """uvloop when it is installed: the HTTP layer is the daemon's ceiling, and uvloop's
+    transports are faster than asyncio's."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC``
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -136,7 +137,11 @@ class Daemon:
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         old = self.config
         try:
-            new = await anyio.to_thread.run_sync(load_config, old.file)
+            # Plugins the embedding program passed to ``load_config`` (not named in the file)
+            # stay registered: without them the file's sinks of their types would be unknown.
+            new = await anyio.to_thread.run_sync(
+                functools.partial(load_config, old.file, extra_plugins=old.extra_plugins)
+            )
             changes = await self.dispatcher.reconfigure(new)
         except ConfigError as e:
             for problem in e.problems:
@@ -152,7 +157,10 @@ class Daemon:
         for key in RESTART_ONLY:
             if _get(old, key) != _get(new, key):
                 log.warning(kv("reload-needs-restart", key=key, hint="restart to apply"))
-        logs.setup(new.log.level, new.log.format)
+        if new.log != old.log:
+            # Only then: an unchanged ``log:`` section keeps the running setup (a
+            # ``--log-level`` given on the command line, handlers of an embedding program).
+            logs.setup(new.log.level, new.log.format)
         for warning in new.warnings:
             log.warning(warning)
         self.ingress.runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)

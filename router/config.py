@@ -211,6 +211,8 @@ class Config:
     sinks: Mapping[str, SinkConfig]
     plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
     warnings: tuple[str, ...] = ()
+    #: The ``extra_plugins`` given to ``load_config``: a reload registers them again.
+    extra_plugins: tuple[object, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def base_dir(self) -> Path:
@@ -288,6 +290,7 @@ def load_config(
         sinks=sinks,
         plugin_manager=pm,
         warnings=tuple(src.warnings),
+        extra_plugins=tuple(extra_plugins),
     )
 
 

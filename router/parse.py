@@ -20,8 +20,8 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from json.decoder import scanstring
 from typing import Any
 
 MAX_ID_LENGTH = 256
@@ -119,18 +119,28 @@ def _name(key: str) -> str:
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _META_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_flag_repeats)
+# json's C scanner, one value at index i -> (value, end); StopIteration(i) when none starts there.
+_Scan = Callable[[str, int], tuple[Any, int]]
+_SCAN: _Scan = _DECODER.scan_once  # type: ignore[attr-defined]  # (not in typeshed)
+_SCAN_META: _Scan = _META_DECODER.scan_once  # type: ignore[attr-defined]
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, i: int) -> int:
+    """The index of the first character at or after ``i`` that is not JSON whitespace."""
+    m = _WS.match(text, i)
+    return m.end() if m else i
 
 
 def loads(text: str) -> Any:
     """``json.loads`` (NaN and Infinity refused), except that a key repeated in the top-level
     object is a ``BadMessage`` and ``meta`` is decoded so that a repeat in it is flagged."""
-    skip = _WS.match
-    i = skip(text, 0).end()
+    i = _skip(text, 0)
     if text[i : i + 1] != "{":
         return _DECODER.decode(text)  # not an object: json's own answer
     doc: dict[str, Any] = {}
-    i = skip(text, i + 1).end()
+    i = _skip(text, i + 1)
     if text[i : i + 1] == "}":
         i += 1
     else:
@@ -139,27 +149,26 @@ def loads(text: str) -> Any:
                 raise json.JSONDecodeError(
                     "Expecting property name enclosed in double quotes", text, i
                 )
-            key, i = scanstring(text, i + 1, True)
-            i = skip(text, i).end()
+            key, i = _scanstring(text, i + 1, True)
+            i = _skip(text, i)
             if text[i : i + 1] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
-            i = skip(text, i + 1).end()
-            decoder = _META_DECODER if key == "meta" else _DECODER
+            i = _skip(text, i + 1)
             try:
-                value, i = decoder.scan_once(text, i)
+                value, i = (_SCAN_META if key == "meta" else _SCAN)(text, i)
             except StopIteration as e:
                 raise json.JSONDecodeError("Expecting value", text, e.value) from None
             if key in doc:
                 raise BadMessage(f"duplicate key {_name(key)}in the body")
             doc[key] = value
-            i = skip(text, i).end()
+            i = _skip(text, i)
             if text[i : i + 1] == "}":
                 i += 1
                 break
             if text[i : i + 1] != ",":
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-            i = skip(text, i + 1).end()
-    end = skip(text, i).end()
+            i = _skip(text, i + 1)
+    end = _skip(text, i)
     if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return doc

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.parse import MAX_ID_LENGTH, BadMessage, Parsed, parse
+from router.parse import MAX_ID_LENGTH, BadMessage, Parsed, loads, parse
 from tests.conftest import fixture_vectors
 
 FAST = settings(max_examples=200, deadline=None)
@@ -241,3 +241,111 @@ def test_any_printable_type_is_accepted(type_: str, message_id: Any) -> None:
 def test_corrupting_a_good_body_never_crashes(noise: bytes, at: int) -> None:
     i = at % (len(GOOD) + 1)
     assert isinstance(outcome(GOOD[:i] + noise + GOOD[i:]), Parsed | BadMessage)
+
+
+# -- repeated keys -----------------------------------------------------------------------------
+
+M = b'"meta":{"type":"t","messageId":"m"}'
+
+REPEATED: list[Any] = [
+    pytest.param(b"{" + M + b"," + M + b"}", "duplicate key 'meta' in the body", id="meta-twice"),
+    pytest.param(
+        b'{"meta":{"type":"a","messageId":"m"},"meta":{"type":"b","messageId":"m"}}',
+        "duplicate key 'meta' in the body",
+        id="meta-twice-different-types",
+    ),
+    pytest.param(
+        b'{"m\\u0065ta":{"type":"a","messageId":"m"},' + M + b"}",
+        "duplicate key 'meta' in the body",
+        id="meta-twice-one-escaped",
+    ),
+    pytest.param(
+        b'{"meta":{"type":"a","type":"b","messageId":"m"}}',
+        "duplicate key 'type' in meta",
+        id="type-twice",
+    ),
+    pytest.param(
+        b'{"meta":{"type":"t","messageId":"m1","messageId":"m2"}}',
+        "duplicate key 'messageId' in meta",
+        id="messageId-twice",
+    ),
+    pytest.param(
+        b'{"meta":{"type":"t","messageId":"m","ACME-000482":1,"ACME-000482":2}}',
+        "duplicate key in meta",  # a key the sender chose is never echoed
+        id="unknown-meta-key-twice",
+    ),
+    pytest.param(
+        b'{"ping":"a",' + M.replace(b'"t"', b'"ping"') + b',"ping":"b"}',
+        "duplicate key 'ping' in the body",
+        id="ping-twice",
+    ),
+    pytest.param(
+        b"{" + M + b',"payload":{"patientId":"a"},"payload":{"patientId":"b"}}',
+        "duplicate key 'payload' in the body",
+        id="payload-twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), REPEATED)
+def test_a_key_repeated_where_routing_reads_is_a_bad_message(body: bytes, reason: str) -> None:
+    json.loads(body)  # valid JSON for json.loads, which keeps the last value
+    with pytest.raises(BadMessage) as info:
+        parse(body)
+    assert str(info.value) == reason
+
+
+def test_keys_repeated_deeper_in_the_body_are_accepted() -> None:
+    body = (
+        b'{"meta":{"type":"t","messageId":"m","data":{"k":1,"k":2}},'
+        b'"payload":{"patientId":"p","patientId":"q","x":[{"a":1,"a":1}]}}'
+    )
+    parsed = parse(body)
+    assert (parsed.type, parsed.message_id, parsed.order_key) == ("t", "m", "q")
+
+
+def test_a_number_with_too_many_digits_is_a_clear_bad_message() -> None:
+    with pytest.raises(BadMessage, match="a number has over 4300 digits"):
+        parse(doc(meta())[:-1] + b',"n":' + b"7" * 5000 + b"}")
+
+
+json_texts = st.one_of(
+    st.builds(json.dumps, json_values),
+    st.builds(
+        lambda m, rest: json.dumps({"meta": m, **rest}),
+        json_values,
+        st.dictionaries(st.sampled_from(["ping", "payload", "patients"]), json_values, max_size=2),
+    ),
+)
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _outcome(load: Any, text: str) -> Any:
+    try:
+        return load(text)
+    except BadMessage as e:
+        return e
+    except (ValueError, RecursionError):
+        return ValueError
+
+
+@FAST
+@given(json_texts, st.data())
+def test_loads_agrees_with_json_loads(text: str, data: st.DataObject) -> None:
+    # With whitespace around, and with a token inserted at a drawn place (mostly making the text
+    # invalid), loads accepts exactly what json.loads accepts and returns the same value: the
+    # texts here never repeat a key at the top level or in meta.
+    ws = data.draw(st.text(alphabet=" \t\r\n", max_size=3))
+    cut = data.draw(st.integers(0, len(text)))
+    noise = data.draw(st.sampled_from(["", ",", "}", "{", '"', ":", "]", "x", " ", "\\", "1"]))
+    for candidate in (ws + text + ws, text[:cut] + noise + text[cut:]):
+        expected = _outcome(lambda t: json.loads(t, parse_constant=_refuse), candidate)
+        got = _outcome(loads, candidate)
+        if isinstance(got, BadMessage):  # only a repeat can make loads stricter
+            assert str(got).startswith("duplicate key")
+            assert expected is not ValueError
+        else:
+            assert got == expected
