@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", "-c", help=config_help)
         _add_filters(sub)
         if verb == "list":
-            sub.add_argument("--limit", type=int, help="show at most N")
+            sub.add_argument("--limit", type=_positive, help="show at most N")
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             sub.add_argument("--all", action="store_true", help="required when no filter given")
@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("file", nargs="?", type=Path, help="a JSON body to send as it is")
     what.add_argument("--type", help="generate an example message of this meta.type")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
 
 
 def _add_filters(sub: argparse.ArgumentParser, ids: bool = True) -> None:

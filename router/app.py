@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskStatus
 
 from router import logs, server
 from router.auth import Verifier
@@ -101,7 +102,9 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             if stop is None:
                 stop = anyio.Event()
-                tg.start_soon(self._watch_signals, stop)
+                # Started (handlers installed) before READY=1: systemd may send SIGHUP or
+                # SIGTERM as soon as it has READY, and their default action kills the process.
+                await tg.start(self._watch_signals, stop)
             tg.start_soon(dispatch)
             tg.start_soon(self._sweep_periodically)
             tg.start_soon(self._watchdog)
@@ -169,14 +172,20 @@ class Daemon:
         notify("READY=1", "STATUS=configuration reloaded")
         return True
 
-    async def _watch_signals(self, stop: anyio.Event) -> None:
+    async def _watch_signals(
+        self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                    continue
-                log.info(kv("signal", name=signal.Signals(signum).name))
-                stop.set()
+            task_status.started()
+            async with anyio.create_task_group() as reloads:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # In a task of its own: retiring a slow sink must not hold up SIGTERM.
+                        # Reloads queue on the dispatcher's lock, so they apply in order.
+                        reloads.start_soon(self.reload)
+                        continue
+                    log.info(kv("signal", name=signal.Signals(signum).name))
+                    stop.set()
 
     async def _sweep_periodically(self) -> None:
         await anyio.sleep(FIRST_SWEEP_AFTER)

@@ -49,7 +49,8 @@ class JsonFormatter(logging.Formatter):
             doc["message"] = record.getMessage()
         if record.exc_info and record.exc_info[0] is not None:
             doc["exception"] = record.exc_info[0].__name__
-        return json.dumps(doc, ensure_ascii=False)
+        # ASCII only: U+2028 and the like stay escaped, so no reader splits a record.
+        return json.dumps(doc)
 
 
 def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:

@@ -94,8 +94,12 @@ def _dead(config: Config, args: argparse.Namespace) -> int:
 
 
 def _replay(config: Config, args: argparse.Namespace) -> int:
-    since = ops.parse_time(args.since)
-    until = ops.parse_time(args.until) if args.until else None
+    try:
+        since = ops.parse_time(args.since)
+        until = ops.parse_time(args.until) if args.until else None
+    except ops.OpsError as e:  # a malformed option value: a usage error, like argparse's
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
     def progress(done: int, total: int) -> None:
         print(f"\rreplaying: {done}/{total} messages", end="", file=sys.stderr, flush=True)

@@ -105,9 +105,26 @@ def load_named(pm: pluggy.PluginManager, spec: str, base_dir: Path) -> None:
     register(pm, module, spec)
 
 
+_FILE_MODULES: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
+
+
 def _import_file(path: Path) -> ModuleType:
+    """Import a plugin file, once per version of it: a reload that finds the file unchanged
+    gets the same module (so its sink classes, and the sinks, stay the same); an edited file
+    is imported afresh."""
     if not path.is_file():
         raise PluginLoadError(f"plugin file {path} does not exist")
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _FILE_MODULES.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    module = _exec_file(path)
+    _FILE_MODULES[path] = (version, module)
+    return module
+
+
+def _exec_file(path: Path) -> ModuleType:
     name = f"webhook_router_plugin_{abs(hash(str(path))):x}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,6 +413,28 @@ async def test_a_delivery_in_flight_during_its_sinks_reload_finishes_once(
     ]
 
 
+async def test_a_reload_keeps_the_logging_setup_unless_the_log_section_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As with ``serve --log-level DEBUG``: a level set outside the file survives a reload
+    # that leaves ``log:`` alone (and so do the handlers: caplog still sees what follows).
+    caplog.set_level(logging.DEBUG)
+    root = logging.getLogger()
+    setup = Setup(tmp_path)
+    config = setup.load()
+    async with running_router(config) as router:
+        handlers = root.handlers[:]
+        setup.rewrite(default=["archive"])
+        assert await router.reload() is True
+        assert root.level == logging.DEBUG
+        assert root.handlers == handlers
+        assert "reloaded" in caplog.text
+
+        setup.rewrite(log={"level": "warning"})
+        assert await router.reload() is True
+        assert root.level == logging.WARNING
+
+
 # -- reload under load -------------------------------------------------------------------------
 
 #: The configurations the load test moves through (all keep every sink, so nothing is
@@ -455,11 +477,15 @@ def generations_between(start_phase: int, end_phase: int) -> set[int]:
 async def test_reload_under_load_loses_nothing_and_never_reroutes(tmp_path: Path) -> None:
     # The first attempt of every tenth message fails, so retries are pending across reloads.
     tracker, recorder = Tracker(fail_first_suffix="7"), Recorder()
-    flaky = {"retry": FAST, "concurrency": 4}
+    flaky: dict[str, Any] = {"retry": FAST, "concurrency": 4}
     setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
 
     def sinks(b_tag: str) -> dict[str, Any]:
-        return {"a": tracking(**flaky), "b": tracking(b_tag, **flaky), "c": tracking(**flaky)}
+        return {
+            "a": tracking("v1", **flaky),
+            "b": tracking(b_tag, **flaky),
+            "c": tracking("v1", **flaky),
+        }
 
     config = setup.load(**GENERATIONS[0], sinks=sinks("v1"))
     phase = 0
@@ -483,17 +509,20 @@ async def test_reload_under_load_loses_nothing_and_never_reroutes(tmp_path: Path
     def acked_in(p: int) -> int:
         return sum(1 for _, start, end in acked.values() if start == end == p)
 
+    async def wait_for_traffic_in(p: int) -> None:
+        await eventually(lambda: acked_in(p) >= per_phase)
+
     async with running_router(config) as router, httpx.AsyncClient() as client:
         async with anyio.create_task_group() as tg:
             for _ in range(8):
                 tg.start_soon(poster, client, router.webhook_url)
             for generation in (1, 2):
-                await eventually(lambda: acked_in(phase) >= per_phase)
+                await wait_for_traffic_in(phase)
                 setup.rewrite(**GENERATIONS[generation], sinks=sinks(f"v{generation + 1}"))
                 phase += 1
                 assert await router.reload() is True
                 phase += 1
-            await eventually(lambda: acked_in(phase) >= per_phase)
+            await wait_for_traffic_in(phase)
             done.set()
         expected_count = sum(len(recorder_sinks) for _, recorder_sinks in recorder.received)
         await recorder.wait_for(lambda r: len(r.delivered) == expected_count)
