@@ -79,7 +79,34 @@ def _listen_address(value: Any) -> Any:
     return value
 
 
+#: A duration that must be more than zero.
+_Timeout = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
 class ServerConfig(_Strict):
+    """``server:``, the HTTP listener.
+
+    - ``listen``, ``path``, ``admin_listen``: where requests are taken; ``route_ping``: whether
+      pings are also journaled and routed; ``graceful_timeout``: how long requests in flight
+      may take to finish at shutdown.
+    - ``max_body_bytes`` (256 MiB): a larger body is answered 413, before it is read when its
+      Content-Length says so.
+    - ``keep_alive_timeout`` (75s): an idle connection is closed after this long. It is also
+      the time a client has to send a request's headers once connected (hypercorn runs one
+      timer for both), so a slowloris client sending headers byte by byte is cut off.
+    - ``body_timeout`` (60s): once its headers are in, a request's whole body must arrive
+      within this time; a slower client is answered 408 and its connection closed.
+    - ``max_header_bytes`` (16 KiB): a request line and headers larger than this are answered
+      431 and the connection closed.
+    - ``max_concurrent_requests`` (1024): webhook requests handled at once, counted from the
+      end of their headers to the answer. One more is answered 503 with ``Retry-After`` at once,
+      its body unread, and its connection closed.
+    - ``max_buffered_bytes`` (1 GiB): the bodies of the requests in progress hold at most this
+      many bytes of memory together (assembling a body briefly needs twice its size). A request
+      that would go over is answered 503 with ``Retry-After``; a request alone is always
+      admitted up to ``max_body_bytes``.
+    """
+
     listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
         default_factory=lambda: ["127.0.0.1:8080"], min_length=1
     )
@@ -92,6 +119,11 @@ class ServerConfig(_Strict):
     max_body_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
     route_ping: bool = False
     graceful_timeout: Duration = 10.0
+    keep_alive_timeout: _Timeout = 75.0  # above common proxy idle timeouts
+    body_timeout: _Timeout = 60.0
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
+    max_concurrent_requests: Annotated[int, Field(ge=1)] = 1024
+    max_buffered_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024 * 1024
 
 
 Scheme = Literal["signature", "key"]

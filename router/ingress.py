@@ -1,6 +1,9 @@
 """The ASGI application: the webhook endpoint, health, readiness and metrics.
 
-``POST <server.path>``: size cap (413), verification on the raw bytes (401, empty body), parse
+``POST <server.path>``: refusals the headers decide, before any of the body is read (413 over
+the size cap, 415 for a Content-Encoding, 400 for Content-Length beside Transfer-Encoding),
+admission (503 with Retry-After past ``max_concurrent_requests`` or ``max_buffered_bytes``),
+verification on the raw bytes (401, empty body), the body within ``body_timeout`` (408), parse
 (400 with a JSON error), ping (200 pong), journal (200 once durable, 503 if it cannot be
 stored). Every other method on the path is 405. ``GET /healthz``, ``/readyz``, ``/metrics``.
 The state it works with (config, routes, journal, dispatcher) is one ``Runtime`` object, read
@@ -16,9 +19,12 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from router import plugins
 from router.auth import Verifier
-from router.config import Config
+from router.config import Config, ServerConfig
 from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
 from router.journal import Journal
@@ -33,6 +39,10 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 JSON = b"application/json"
+CLOSE = (b"connection", b"close")
+#: Bodies at least this large are parsed in a worker thread, so that the event loop keeps
+#: answering other requests (pings must be answered within 2 s) while a 200 MB one is parsed.
+PARSE_IN_THREAD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,19 @@ class Disconnected(Exception):
     pass
 
 
+class Overloaded(Exception):
+    pass
+
+
+class _Held:
+    """The body bytes one request holds in memory."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class Ingress:
     """The ASGI app. ``webhook``/``admin`` choose what it serves: with ``server.admin_listen``
     the daemon runs one instance for the webhook and another, on the admin address, for
@@ -63,6 +86,10 @@ class Ingress:
         self.runtime = runtime
         self.webhook = webhook
         self.admin = admin
+        #: Webhook requests being handled, and the body bytes they hold (admission control).
+        self.in_flight = 0
+        self.buffered = 0
+        self._shedding = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -93,17 +120,71 @@ class Ingress:
         if scope["method"] != "POST":
             return await respond(send, 405, headers=[(b"allow", b"POST")])
         headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
-        limit = rt.config.server.max_body_bytes
-        if _content_length(headers) > limit:
-            return await respond(send, 413, _error(f"body larger than {limit} bytes"), JSON)
-        verification = rt.verifier.start(headers)
+        server = rt.config.server
+        refusal = _refused_by_headers(headers, server)
+        if refusal is not None:
+            status, text, extra = refusal
+            log.warning(kv("rejected", reason=text, status=status))
+            return await respond(send, status, _error(text), JSON, [CLOSE, *extra])
+        if self.in_flight >= server.max_concurrent_requests:
+            return await self._overloaded(send, "too many requests in progress")
+        declared = max(_content_length(headers), 0)
+        if self.buffered and self.buffered + declared > server.max_buffered_bytes:
+            return await self._overloaded(send, "too many request bodies in memory")
+        self._shedding = False
+        self.in_flight += 1
+        held = _Held()
+        held.bytes = declared  # reserved at once: a body announced is a body coming
+        self.buffered += declared
+        try:
+            return await self._admitted(rt, scope, receive, send, start, held)
+        finally:
+            self.in_flight -= 1
+            self.buffered -= held.bytes
+
+    async def _overloaded(self, send: Send, why: str) -> int:
+        if not self._shedding:  # one line when shedding starts, not one per request
+            self._shedding = True
+            log.warning(
+                kv("overloaded", reason=why, requests=self.in_flight, buffered=self.buffered)
+            )
+        return await respond(
+            send, 503, _error(f"{why}: retry later"), JSON, [(b"retry-after", b"1"), CLOSE]
+        )
+
+    async def _admitted(
+        self, rt: Runtime, scope: Scope, receive: Receive, send: Send, start: float, held: _Held
+    ) -> int:
+        server = rt.config.server
+        limit = server.max_body_bytes
+        verification = rt.verifier.start(scope["headers"])
         if verification.hopeless:
             rt.metrics.verification_failures.inc()
             return await respond(send, 401)
+
+        def hold(received: int) -> None:
+            """Count body bytes received beyond what was reserved (chunked, or a lying
+            Content-Length), refusing them past the budget unless this request is alone."""
+            more = received - held.bytes
+            if more > 0:
+                held.bytes += more
+                self.buffered += more
+                if self.buffered > server.max_buffered_bytes and self.buffered > held.bytes:
+                    raise Overloaded
+
         try:
-            body = await _read_body(receive, limit, verification.update)
+            with anyio.fail_after(server.body_timeout):
+                body = await _read_body(receive, limit, verification.update, hold)
         except TooLarge:
-            return await respond(send, 413, _error(f"body larger than {limit} bytes"), JSON)
+            return await respond(
+                send, 413, _error(f"body larger than {limit} bytes"), JSON, [CLOSE]
+            )
+        except TimeoutError:
+            text = f"body not received within {server.body_timeout:g}s"
+            log.warning(kv("rejected", reason=text, status=408, bytes=held.bytes))
+            return await respond(send, 408, _error(text), JSON, [CLOSE])
+        except Overloaded:
+            return await self._overloaded(send, "too many request bodies in memory")
         except Disconnected:
             return 499
         if not verification.verified():
@@ -111,7 +192,10 @@ class Ingress:
             log.warning(kv("rejected", reason="verification failed", bytes=len(body)))
             return await respond(send, 401)
         try:
-            parsed = parse(body)
+            if len(body) < PARSE_IN_THREAD_BYTES:
+                parsed = parse(body)
+            else:
+                parsed = await anyio.to_thread.run_sync(parse, body)
         except BadMessage as e:
             log.warning(kv("rejected", reason=str(e), bytes=len(body)))
             return await respond(send, 400, _error(str(e)), JSON)
@@ -177,6 +261,34 @@ def _error(text: str) -> bytes:
     return json.dumps({"error": text}).encode()
 
 
+def _refused_by_headers(
+    headers: Sequence[tuple[bytes, bytes]], server: ServerConfig
+) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+    """A refusal the headers alone decide, so that none of the body is read: (status, reason,
+    extra response headers), or None."""
+    # hypercorn's limit (h11's) holds only while headers arrive in pieces: checked here too.
+    if sum(len(name) + len(value) + 4 for name, value in headers) > server.max_header_bytes:
+        return 431, f"request headers larger than {server.max_header_bytes} bytes", []
+    framings = {name for name, _ in headers if name in (b"content-length", b"transfer-encoding")}
+    if len(framings) == 2:
+        # Servers and proxies disagree about which one frames the body (request smuggling).
+        return 400, "both Content-Length and Transfer-Encoding: send only one", []
+    limit = server.max_body_bytes
+    if _content_length(headers) > limit:
+        return 413, f"body larger than {limit} bytes", []
+    codings = [
+        coding.strip().lower()
+        for name, value in headers
+        if name == b"content-encoding"
+        for coding in value.split(b",")
+    ]
+    if any(coding not in (b"", b"identity") for coding in codings):
+        # What is signed, stored and forwarded is the body as sent: uncompressed JSON.
+        text = "Content-Encoding is not supported: send the body uncompressed"
+        return 415, text, [(b"accept-encoding", b"identity")]
+    return None
+
+
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     for name, value in headers:
         if name == b"content-length":
@@ -187,7 +299,12 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     return 0
 
 
-async def _read_body(receive: Receive, limit: int, update: Callable[[bytes], None]) -> bytes:
+async def _read_body(
+    receive: Receive,
+    limit: int,
+    update: Callable[[bytes], None],
+    hold: Callable[[int], None],
+) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -199,6 +316,7 @@ async def _read_body(receive: Receive, limit: int, update: Callable[[bytes], Non
             size += len(chunk)
             if size > limit:
                 raise TooLarge
+            hold(size)
             update(chunk)
             chunks.append(chunk)
         if not event.get("more_body", False):

@@ -145,6 +145,23 @@ def sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
     return {sink: SinkCounts(*values) for sink, values in counts.items()}
 
 
+#: What the error for a damaged journal file tells the operator to do.
+RECOVERY = (
+    "stop, move the journal folder aside and rebuild it with `sqlite3 DAMAGED .recover | sqlite3"
+    ' NEW` (or .dump): see "Recovering a damaged journal" in the README'
+)
+
+
+def _damaged(e: BaseException) -> str:
+    """The way out, when SQLite reports the file as damaged or not a database."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    return f": the file is damaged, {RECOVERY}" if code in (11, 26) else ""  # CORRUPT, NOTADB
+
+
+#: SQLite result codes that mean the disk failed a write, not the job: READONLY, IOERR, FULL.
+_STORAGE_ERRORS = frozenset({8, 10, 13})
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -205,7 +222,7 @@ class Journal:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = _connect(self.path)
         except (sqlite3.Error, OSError) as e:
-            raise JournalUnavailable(f"cannot open journal {self.path}: {e}") from e
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
         try:
             self.path.chmod(0o600)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -214,18 +231,19 @@ class Journal:
                     f"journal {self.path} has schema {version}, newer than this version "
                     f"understands ({SCHEMA_VERSION}): upgrade webhook-router"
                 )
+            # Checked before anything is written, so a damaged file is left as it was found.
+            check = " ".join(conn.execute("PRAGMA quick_check").fetchone()[0].split())
+            if check != "ok":
+                raise JournalUnavailable(f"journal {self.path} is damaged: {check}; {RECOVERY}")
             if version == 0:
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise JournalUnavailable(f"journal {self.path} is damaged: {check}")
         except (sqlite3.Error, OSError, JournalUnavailable) as e:
             conn.close()
             if isinstance(e, JournalUnavailable):
                 raise
-            raise JournalUnavailable(f"cannot open journal {self.path}: {e}") from e
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
         self._conn = conn
         self.healthy = True
 
@@ -282,6 +300,7 @@ class Journal:
                 return
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        storage_error: str | None = None  # a job that failed for want of disk
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
@@ -290,6 +309,8 @@ class Journal:
                     job.result = job.fn(conn)
                 except Exception as e:
                     conn.execute("ROLLBACK TO job")
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF in _STORAGE_ERRORS:
+                        storage_error = str(e)
                     job.error = (
                         e
                         if isinstance(e, JournalUnavailable)
@@ -297,8 +318,8 @@ class Journal:
                     )
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
-            self.healthy = True
-            self.last_error = None
+            self.healthy = storage_error is None
+            self.last_error = storage_error
         except sqlite3.Error as e:
             self.healthy = False
             self.last_error = str(e)

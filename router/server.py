@@ -31,7 +31,14 @@ def hypercorn_config(server: ServerConfig, listen: list[str] | None = None) -> H
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.include_server_header = False
-    hc.keep_alive_timeout = 75  # above common proxy idle timeouts
+    # Idle connections, and a request's headers: hypercorn runs one timer for both (it starts
+    # when a connection opens or an answer is sent and stops when a request's headers are in).
+    hc.keep_alive_timeout = server.keep_alive_timeout
+    # Not hypercorn's read_timeout: it closes a connection on which nothing arrives while we
+    # are still storing its request (its answer would be lost). Bodies have body_timeout.
+    hc.read_timeout = None
+    hc.h11_max_incomplete_size = server.max_header_bytes
+    hc.h2_max_header_list_size = server.max_header_bytes
     hc.backlog = 1024
     return hc
 

@@ -1,0 +1,321 @@
+"""Disk trouble under the journal: full, read-only, damaged.
+
+A full disk is a real one where the tests may mount (a 2 MiB tmpfs filled with a ballast file:
+root, as on the CI machine). Everywhere, the same test also runs with SQLite's own
+``max_page_count`` capped at the database's size on the router's writer connection (the only
+connection that writes), which fails writes with the same SQLITE_FULL. File permissions cannot
+stand in: root writes through them, and a read-only remount is refused while the journal is
+open for writing (``mount point is busy``), so a journal made read-only is tested at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from router.config import Config, load_config
+from router.journal import Journal
+from router.message import Message
+from router.testing import Recorder, RunningRouter, body_for, running_router, write_config
+from tests.conftest import base_config, query_journal, signed
+
+REPO = Path(__file__).resolve().parent.parent
+MOUNT, UMOUNT, SQLITE3 = shutil.which("mount"), shutil.which("umount"), shutil.which("sqlite3")
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str = "2m") -> Iterator[bool]:
+    """Mount a tmpfs of ``size`` on ``directory``; yields False where mounting is not allowed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if MOUNT is None or UMOUNT is None or os.geteuid() != 0:
+        yield False
+        return
+    done = subprocess.run(
+        [MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run([UMOUNT, "-l", str(directory)], check=False)
+
+
+class Disk:
+    """Takes the journal's free space away and gives it back."""
+
+    def __init__(self, kind: str, mount_point: Path) -> None:
+        self.kind = kind
+        self.ballast = mount_point / "ballast"
+
+    async def fill(self, router: RunningRouter) -> None:
+        if self.kind == "tmpfs":
+            fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                size = 1 << 16
+                while size:
+                    try:
+                        os.write(fd, b"\0" * size)
+                    except OSError as e:
+                        assert e.errno == errno.ENOSPC
+                        size //= 2
+            finally:
+                os.close(fd)
+        else:
+            journal = router.daemon.journal
+            pages = await journal._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+            await journal._write(lambda c: c.execute(f"PRAGMA max_page_count={pages}"))
+
+    async def free(self, router: RunningRouter) -> None:
+        if self.kind == "tmpfs":
+            self.ballast.unlink()
+        else:
+            await router.daemon.journal._write(
+                lambda c: c.execute("PRAGMA max_page_count=1073741823")
+            )
+
+
+def rows(config: Config) -> dict[str, bytes]:
+    found = query_journal(config.journal.path, "SELECT message_id, body FROM messages")
+    return {mid: bytes(body) for mid, body in found}
+
+
+def id_of(body: bytes) -> str:
+    return str(json.loads(body)["meta"]["messageId"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["tmpfs", "page-limit"])
+async def test_a_full_disk_answers_503_stores_nothing_and_recovers_by_itself(
+    kind: str, tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    with tmpfs(tmp_path / "disk") as mounted:
+        if kind == "tmpfs" and not mounted:
+            pytest.skip("mounting a tmpfs needs root (the page-limit variant runs instead)")
+        disk = Disk(kind, tmp_path / "disk")
+        recorder = Recorder()
+        config = make_config(
+            extra_plugins=(recorder,), journal={"path": str(tmp_path / "disk" / "journal")}
+        )
+        first = body_for("patient.admit")
+        big = body_for("patient.admit", pad="x" * 600_000)  # needs new space, whatever is free
+        smalls = [body_for("patient.admit", pad="s" * 2000) for _ in range(20)]
+        async with running_router(config) as router, httpx.AsyncClient() as client:
+
+            async def post(body: bytes) -> httpx.Response:
+                return await client.post(router.webhook_url, content=body, headers=signed(body))
+
+            assert (await post(first)).status_code == 200
+            # Delivered and recorded first: /readyz reflects the journal's last commit, and a
+            # small delivery record can still commit on a full disk (see the README).
+            await recorder.wait_for(lambda r: r.delivered_to("archive") == [id_of(first)])
+            await disk.fill(router)
+
+            r = await post(big)
+            assert r.status_code == 503
+            assert r.json() == {"error": "journal unavailable: message not stored"}
+            ready = await client.get(router.base_url + "/readyz")
+            assert (ready.status_code, ready.json()["journal"]) == (503, "failing")
+            # Small messages may still fit in space SQLite already has: every 200 is stored
+            # (byte for byte), every 503 is not.
+            answers = {id_of(b): (await post(b)).status_code for b in smalls}
+            assert set(answers.values()) <= {200, 503}
+            acked = {mid for mid, status in answers.items() if status == 200}
+            held = rows(config)
+            assert set(held) == {id_of(first), *acked}
+            assert all(held[id_of(b)] == b for b in smalls if id_of(b) in acked)
+
+            await disk.free(router)  # no restart: the next write simply works
+            assert (await post(big)).status_code == 200
+            ready = await client.get(router.base_url + "/readyz")
+            assert (ready.status_code, ready.json()["journal"]) == (200, "ok")
+            for body in smalls:  # what was refused is taken when sent again
+                assert (await post(body)).status_code == 200
+            everything = {id_of(b) for b in [first, big, *smalls]}
+            await recorder.wait_for(lambda r: set(r.delivered_to("archive")) == everything)
+        held = rows(config)
+        assert held == {id_of(b): b for b in [first, big, *smalls]}
+
+
+# -- at start ----------------------------------------------------------------------------------
+
+
+def serve(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """``webhook-router serve`` as the real program; expected to fail at start."""
+    return subprocess.run(
+        [sys.executable, "-m", "router", "serve", "--config", str(config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_journal(directory: Path, count: int = 300) -> dict[str, bytes]:
+    """A journal holding ``count`` messages pending for ``archive``, checkpointed and closed."""
+    bodies = {}
+
+    async def fill() -> None:
+        journal = Journal(directory)
+        await journal.open()
+        try:
+            for i in range(count):
+                body = body_for("patient.admit", pad=f"{i:05d}" * 40)
+                message = Message(id_of(body), "patient.admit", None, body, 1000.0 + i)
+                await journal.append(message, ["archive"])
+                bodies[message.message_id] = body
+        finally:
+            await journal.close()
+
+    anyio.run(fill)
+    return bodies
+
+
+def cli_config(tmp_path: Path, journal: Path) -> Path:
+    doc = base_config(tmp_path, journal={"path": str(journal)})
+    return write_config(tmp_path, doc)
+
+
+def _overwrite(path: Path, at: int, size: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(at)
+        f.write(bytes((i * 37 + 11) % 256 for i in range(size)))
+
+
+DAMAGE: list[Any] = [
+    pytest.param(lambda p: os.truncate(p, p.stat().st_size // 2 + 100), id="truncated-mid-page"),
+    pytest.param(lambda p: os.truncate(p, 4096 * 3), id="truncated-at-a-page"),
+    pytest.param(lambda p: _overwrite(p, 4096 * 20, 300), id="page-header-overwritten"),
+    pytest.param(lambda p: _overwrite(p, 4096 * 5, 4096 * 3), id="pages-overwritten"),
+    pytest.param(lambda p: _overwrite(p, 0, 100), id="header-overwritten"),
+    pytest.param(lambda p: p.write_bytes(b"an operator's notes\n" * 500), id="not-a-database"),
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_journal_stops_start_with_one_line_naming_the_recovery(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    journal = tmp_path / "journal"
+    write_journal(journal)
+    db = journal / "journal.sqlite3"
+    damage(db)
+    before = db.read_bytes()
+    done = serve(cli_config(tmp_path, journal))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ") and str(db) in line
+    assert "damaged" in line
+    assert "sqlite3 DAMAGED .recover | sqlite3 NEW" in line
+    assert 'see "Recovering a damaged journal" in the README' in line
+    assert "Traceback" not in done.stdout + done.stderr
+    assert db.read_bytes() == before  # left exactly as found, for the recovery
+
+
+def test_a_journal_on_a_read_only_filesystem_stops_start_with_one_line(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    with tmpfs(disk) as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs needs root")
+        write_journal(disk / "journal", count=5)
+        subprocess.run([str(MOUNT), "-o", "remount,ro", str(disk)], check=True)
+        done = serve(cli_config(tmp_path, disk / "journal"))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: cannot open journal {disk / 'journal' / 'journal.sqlite3'}: ")
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(SQLITE3 is None, reason="needs the sqlite3 command")
+def test_the_documented_recovery_gets_the_router_going_again(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    bodies = write_journal(journal)
+    _overwrite(journal / "journal.sqlite3", 4096 * 20, 300)
+    assert serve(cli_config(tmp_path, journal)).returncode == 1
+
+    # The README's procedure, step by step.
+    aside = tmp_path / "journal.damaged"
+    journal.rename(aside)
+    journal.mkdir(mode=0o700)
+    damaged, rebuilt = aside / "journal.sqlite3", journal / "journal.sqlite3"
+    script = f"sqlite3 '{damaged}' .recover | sqlite3 '{rebuilt}'"
+    if subprocess.run([BASH, "-o", "pipefail", "-c", script], check=False).returncode != 0:
+        rebuilt.unlink(missing_ok=True)  # this sqlite3 has no .recover: the .dump way
+        script = (
+            f"sqlite3 '{damaged}' .dump | sed 's/^ROLLBACK; -- due to errors$/COMMIT;/'"
+            f" | sqlite3 '{rebuilt}'"
+        )
+        subprocess.run([BASH, "-o", "pipefail", "-c", script], check=True)
+    cleanup = "DELETE FROM deliveries WHERE seq NOT IN (SELECT seq FROM messages);"
+    subprocess.run([str(SQLITE3), str(rebuilt), cleanup], check=True)
+    check = subprocess.run(
+        [str(SQLITE3), str(rebuilt), "PRAGMA integrity_check"], capture_output=True, text=True
+    )
+    assert check.stdout.strip() == "ok"
+    rebuilt.chmod(0o600)
+
+    pending = {
+        mid
+        for (mid,) in query_journal(
+            journal,
+            "SELECT message_id FROM messages JOIN deliveries USING (seq) WHERE state = 'pending'",
+        )
+    }
+    assert 0 < len(pending) <= len(bodies)  # most came back; the damaged page's rows did not
+
+    async def run() -> None:
+        recorder = Recorder()
+        config = load_config(cli_config(tmp_path, journal), extra_plugins=[recorder])
+        async with running_router(config) as router:
+            await recorder.wait_for(lambda r: set(r.delivered_to("archive")) == pending)
+            body = body_for("patient.admit")  # and new messages are taken
+            async with httpx.AsyncClient() as client:
+                r = await client.post(router.webhook_url, content=body, headers=signed(body))
+            assert r.status_code == 200
+
+    anyio.run(run)
+    lines = (tmp_path / "out" / "patient.admit.jsonl").read_bytes().splitlines()
+    delivered = {id_of(line[line.index(b',"body":') + 8 : -1]): line for line in lines}
+    for mid in pending:  # byte for byte what was first received
+        assert delivered[mid].endswith(b',"body":' + bodies[mid] + b"}")
+
+
+def test_journal_files_are_0600_even_in_a_folder_others_can_read(tmp_path: Path) -> None:
+    # systemd's StateDirectory= and a hand-made folder are often 0755: the files holding bodies
+    # (database, write-ahead log, shared memory) must not be readable by others all the same.
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    directory.chmod(0o755)
+    modes: dict[str, int] = {}
+
+    async def run() -> None:
+        journal = Journal(directory)
+        await journal.open()
+        try:
+            body = body_for("patient.admit")
+            await journal.append(Message(id_of(body), "patient.admit", None, body, 1.0), ["s"])
+            await journal.messages([1])  # a reader connection too
+            modes.update({p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()})
+        finally:
+            await journal.close()
+
+    anyio.run(run)
+    assert {"journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o600)
