@@ -7,7 +7,7 @@ from __future__ import annotations
 import email.utils
 import ssl
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterable, Collection, Mapping
 from pathlib import Path
 
 import httpx
@@ -53,7 +53,7 @@ async def post(
     client: httpx.AsyncClient,
     method: str,
     url: str,
-    content: bytes,
+    content: bytes | AsyncIterable[bytes],
     headers: Mapping[str, str],
 ) -> tuple[int, Mapping[str, str], bytes]:
     """Send one request; return status, headers and at most ``MAX_ANSWER_BYTES`` of the answer.

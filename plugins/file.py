@@ -25,7 +25,7 @@ import os
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +44,8 @@ from router import (
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
+_WRITE_SIZE = 1024 * 1024
 _PLACEHOLDER = re.compile(r"\{(type|date|messageId)\}")
 
 
@@ -90,23 +92,32 @@ class FileSink(Sink[FileOptions]):
         return path
 
     def line_for(self, message: Message) -> bytes:
-        body = message.body
-        if b"\n" in body or b"\r" in body:
-            body = body.replace(b"\r", b" ").replace(b"\n", b" ")
-        if self.options.format == "raw":
-            return body + b"\n"
-        # A BOM (accepted by parse) is not JSON whitespace: inside the envelope it would break it.
-        body = body.removeprefix(b"\xef\xbb\xbf")
-        head = json.dumps(
-            {
-                "messageId": message.message_id,
-                "type": message.type,
-                "when": message.when,
-                "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
-            },
-            separators=(",", ":"),
-        )
-        return head[:-1].encode() + b',"body":' + body + b"}\n"
+        """The line written for a message (whole, in memory: for tests and small bodies)."""
+        return b"".join(self.line_chunks(message))
+
+    def line_chunks(self, message: Message) -> Iterator[bytes]:
+        """The line for a message in pieces, reading a large body from its file as it goes."""
+        if self.options.format == "envelope":
+            head = json.dumps(
+                {
+                    "messageId": message.message_id,
+                    "type": message.type,
+                    "when": message.when,
+                    "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
+                },
+                separators=(",", ":"),
+            )
+            yield head[:-1].encode() + b',"body":'
+        first = True
+        for chunk in message.body_chunks():
+            if b"\n" in chunk or b"\r" in chunk:
+                chunk = chunk.translate(_LINE_BREAKS)
+            if first and self.options.format == "envelope":
+                # A BOM (accepted by parse) is not JSON whitespace: it would break the envelope.
+                chunk = chunk.removeprefix(b"\xef\xbb\xbf")
+            first = False
+            yield chunk
+        yield b"}\n" if self.options.format == "envelope" else b"\n"
 
     async def send(self, batch: Sequence[Message]) -> SendResult:
         errors: dict[str, BaseException] = {}
@@ -127,12 +138,12 @@ class FileSink(Sink[FileOptions]):
         with self._lock:
             for path, messages in by_path.items():
                 try:
-                    self._append(path, b"".join(self.line_for(m) for m in messages))
+                    self._append(path, (c for m in messages for c in self.line_chunks(m)))
                 except OSError as e:
                     failed[path] = RetryableError(f"cannot write {path}: {e.strerror}")
         return failed
 
-    def _append(self, path: Path, data: bytes) -> None:
+    def _append(self, path: Path, data: Iterable[bytes]) -> None:
         """Append ``data`` whole or not at all: a failed write is cut back off the file."""
         # Create each missing level with 0o700 (mkdir(parents=True) would give the upper ones
         # the default permissions), outermost first.
@@ -148,9 +159,15 @@ class FileSink(Sink[FileOptions]):
         try:
             size = os.fstat(fd).st_size
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                pending: list[bytes] = []
+                buffered = 0
+                for chunk in data:  # small pieces are gathered into fewer writes
+                    pending.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= _WRITE_SIZE:
+                        _write_all(fd, b"".join(pending))
+                        pending, buffered = [], 0
+                _write_all(fd, b"".join(pending))
                 if self.options.fsync:
                     os.fsync(fd)
             except OSError:
@@ -162,6 +179,12 @@ class FileSink(Sink[FileOptions]):
             _fsync_dir(path.parent)
             for directory in new_dirs:
                 _fsync_dir(directory.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: Path) -> None:

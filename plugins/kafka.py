@@ -209,9 +209,9 @@ class KafkaSink(Sink[KafkaOptions]):
         errors: dict[str, BaseException] = {}
         pending = []
         for message in batch:
-            if len(message.body) > self.options.max_message_bytes:
+            if message.body_size > self.options.max_message_bytes:
                 errors[message.message_id] = PermanentError(
-                    f"body of {len(message.body)} bytes is larger than the sink's"
+                    f"body of {message.body_size} bytes is larger than the sink's"
                     f" max_message_bytes ({self.options.max_message_bytes})"
                 )
                 continue

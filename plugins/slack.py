@@ -69,6 +69,8 @@ TITLES: tuple[tuple[str, str], ...] = (
     ("devices.health-data", "Device health data received"),
     ("*", "Metriport message"),
 )
+#: Bodies larger than this are summarised from their meta fields alone (not parsed).
+MAX_SUMMARISED_BYTES = 8 * 1024 * 1024
 #: Web API error codes worth retrying; every other ``ok: false`` is permanent.
 TRANSIENT_ERRORS = frozenset(
     {
@@ -168,10 +170,12 @@ class _Values(dict[str, Any]):
 
 def summary(message: Message, options: SlackOptions) -> str:
     """The text posted for a message."""
-    try:
-        doc = json.loads(message.body)
-    except ValueError:
-        doc = {}
+    doc: Any = {}
+    if message.body_size <= MAX_SUMMARISED_BYTES:  # a huge body gets the meta-only summary
+        try:
+            doc = json.loads(message.body)
+        except ValueError:
+            doc = {}
     info = facts(doc if isinstance(doc, dict) else {})
     status = info["status"] or ("finished" if message.type.startswith("medical.") else "")
     status = escape(status)

@@ -41,7 +41,13 @@ DELIVERY_DRAIN_SECONDS = 5.0
 SWEEP_EVERY = 3600.0
 FIRST_SWEEP_AFTER = 60.0
 #: What a reload cannot change (the listening sockets and the journal stay as they are).
-RESTART_ONLY = ("server.listen", "server.admin_listen", "journal.path")
+RESTART_ONLY = (
+    "server.listen",
+    "server.admin_listen",
+    "server.keep_alive_timeout",
+    "server.max_header_bytes",
+    "journal.path",
+)
 
 
 async def serve(

@@ -102,9 +102,9 @@ class ServerConfig(_Strict):
       end of their headers to the answer. One more is answered 503 with ``Retry-After`` at once,
       its body unread, and its connection closed.
     - ``max_buffered_bytes`` (1 GiB): the bodies of the requests in progress hold at most this
-      many bytes of memory together (assembling a body briefly needs twice its size). A request
-      that would go over is answered 503 with ``Retry-After``; a request alone is always
-      admitted up to ``max_body_bytes``.
+      many bytes of memory together. A body past 1 MiB is written to the journal's folder as it
+      arrives and counts as 1 MiB. A request that would go over is answered 503 with
+      ``Retry-After``; a request alone is always admitted up to ``max_body_bytes``.
     """
 
     listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
@@ -130,9 +130,16 @@ Scheme = Literal["signature", "key"]
 SCHEMES: tuple[Scheme, ...] = ("signature", "key")
 
 
+def _no_surrounding_space(value: Any) -> Any:
+    if isinstance(value, str) and value != value.strip():
+        # HTTP strips the spaces around a header value, so x-webhook-key could never match.
+        raise ValueError("a key must not start or end with whitespace")
+    return value
+
+
 class AuthConfig(_Strict):
     accept: list[Scheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
-    keys: list[SecretStr] = Field(min_length=1)
+    keys: list[Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]] = Field(min_length=1)
 
 
 class JournalConfig(_Strict):

@@ -10,7 +10,6 @@ marked done is found again at start.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -174,12 +173,20 @@ class SinkRunner:
         seqs = [d.seq for d in chunk]
         try:
             stored = await self.journal.messages(seqs)
+            missing = [d for d in chunk if d.seq not in stored]
+            if missing:
+                # Only a hand-repaired journal can lose a message under its deliveries: end
+                # them, or they would be due again at once, forever.
+                await self.journal.record(
+                    Outcome(d.seq, self.name, "dead", d.attempts, time.time(), "message missing")
+                    for d in missing
+                )
+                log.error(kv("dead-letter", sink=self.name, count=len(missing), reason="missing"))
             batch = [
-                (d, dataclasses.replace(stored[d.seq], attempt=d.attempts + 1))
-                for d in chunk
-                if d.seq in stored
+                (d, stored[d.seq].with_attempt(d.attempts + 1)) for d in chunk if d.seq in stored
             ]
-            await self._attempt(batch)
+            if batch:
+                await self._attempt(batch)
         except JournalUnavailable as e:
             # The deliveries stay pending in the journal; pause so a broken disk is not spun on.
             log.error(kv("journal-write-failed", sink=self.name, error=str(e)))

@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 
 from router import plugins
-from router.auth import Verifier
+from router.auth import Verification, Verifier
 from router.config import Config, ServerConfig
 from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
@@ -32,6 +32,7 @@ from router.logs import kv
 from router.message import Message
 from router.metrics import CONTENT_TYPE, Metrics
 from router.parse import BadMessage, parse
+from router.spool import SPOOL_THRESHOLD, Spool, parse_file
 
 log = logging.getLogger("router.ingress")
 
@@ -128,7 +129,8 @@ class Ingress:
             return await respond(send, status, _error(text), JSON, [CLOSE, *extra])
         if self.in_flight >= server.max_concurrent_requests:
             return await self._overloaded(send, "too many requests in progress")
-        declared = max(_content_length(headers), 0)
+        # Memory a body will hold: all of it while small, the spool threshold once on disk.
+        declared = min(max(_content_length(headers), 0), SPOOL_THRESHOLD)
         if self.buffered and self.buffered + declared > server.max_buffered_bytes:
             return await self._overloaded(send, "too many request bodies in memory")
         self._shedding = False
@@ -156,7 +158,6 @@ class Ingress:
         self, rt: Runtime, scope: Scope, receive: Receive, send: Send, start: float, held: _Held
     ) -> int:
         server = rt.config.server
-        limit = server.max_body_bytes
         verification = rt.verifier.start(scope["headers"])
         if verification.hopeless:
             rt.metrics.verification_failures.inc()
@@ -172,50 +173,83 @@ class Ingress:
                 if self.buffered > server.max_buffered_bytes and self.buffered > held.bytes:
                     raise Overloaded
 
+        spool = Spool(rt.journal.bodies)
+        try:
+            return await self._received(rt, receive, send, start, verification, spool, hold)
+        finally:
+            await spool.discard()  # unless the journal took it (then it is no longer ours)
+
+    async def _received(
+        self,
+        rt: Runtime,
+        receive: Receive,
+        send: Send,
+        start: float,
+        verification: Verification,
+        spool: Spool,
+        hold: Callable[[int], None],
+    ) -> int:
+        server = rt.config.server
+        limit = server.max_body_bytes
         try:
             with anyio.fail_after(server.body_timeout):
-                body = await _read_body(receive, limit, verification.update, hold)
+                await _read_body(receive, limit, verification.update, hold, spool)
         except TooLarge:
             return await respond(
                 send, 413, _error(f"body larger than {limit} bytes"), JSON, [CLOSE]
             )
         except TimeoutError:
             text = f"body not received within {server.body_timeout:g}s"
-            log.warning(kv("rejected", reason=text, status=408, bytes=held.bytes))
+            log.warning(kv("rejected", reason=text, status=408, bytes=spool.size))
             return await respond(send, 408, _error(text), JSON, [CLOSE])
         except Overloaded:
             return await self._overloaded(send, "too many request bodies in memory")
         except Disconnected:
             return 499
+        size = spool.size
         if not verification.verified():
             rt.metrics.verification_failures.inc()
-            log.warning(kv("rejected", reason="verification failed", bytes=len(body)))
+            log.warning(kv("rejected", reason="verification failed", bytes=size))
             return await respond(send, 401)
+        body = None if spool.spooled else spool.body()
         try:
-            if len(body) < PARSE_IN_THREAD_BYTES:
+            if body is not None and size < PARSE_IN_THREAD_BYTES:
                 parsed = parse(body)
-            else:
+            elif body is not None:
                 parsed = await anyio.to_thread.run_sync(parse, body)
+            else:
+                assert spool.path is not None
+                parsed = await anyio.to_thread.run_sync(parse_file, spool.path)
         except BadMessage as e:
-            log.warning(kv("rejected", reason=str(e), bytes=len(body)))
+            log.warning(kv("rejected", reason=str(e), bytes=size))
             return await respond(send, 400, _error(str(e)), JSON)
 
         pong = json.dumps({"pong": parsed.ping}).encode() if parsed.is_ping else b""
         if parsed.is_ping and not rt.config.server.route_ping:
             return await respond(send, 200, pong, JSON)
 
-        message = Message(
-            parsed.message_id,
-            parsed.type,
-            parsed.when,
-            body,
-            time.time(),
-            parsed.request_id,
-            order_key=parsed.order_key,
-        )
         sinks = rt.config.routes.sinks_for(parsed.type)
         try:
+            body_file = None
+            if body is None:
+                body_file = rt.journal.directory / await spool.seal()
+            message = Message(
+                parsed.message_id,
+                parsed.type,
+                parsed.when,
+                body,
+                time.time(),
+                parsed.request_id,
+                order_key=parsed.order_key,
+                body_file=body_file,
+                body_size=size,
+            )
             appended = await rt.journal.append(message, sinks)
+            if body_file is not None and not appended.duplicate:
+                spool.path = None  # the journal has it now
+        except OSError as e:
+            log.error(kv("refused", type=parsed.type, error=f"cannot store body: {e.strerror}"))
+            return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
         except JournalUnavailable as e:
             log.error(kv("refused", id=message.message_id, type=message.type, error=str(e)))
             return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
@@ -236,7 +270,7 @@ class Ingress:
                 "accepted",
                 id=message.message_id,
                 type=message.type,
-                bytes=len(body),
+                bytes=size,
                 sinks=",".join(sinks) or "(unrouted)",
             )
         )
@@ -304,23 +338,23 @@ async def _read_body(
     limit: int,
     update: Callable[[bytes], None],
     hold: Callable[[int], None],
-) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+    spool: Spool,
+) -> None:
+    """Receive the body into ``spool``, feeding the signature check as it comes; ``hold`` is
+    told how many bytes it holds in memory (a spooled body holds no more than the threshold)."""
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
             raise Disconnected
         chunk = event.get("body", b"")
         if chunk:
-            size += len(chunk)
-            if size > limit:
+            if spool.size + len(chunk) > limit:
                 raise TooLarge
-            hold(size)
             update(chunk)
-            chunks.append(chunk)
+            await spool.write(chunk)
+            hold(min(spool.size, spool.threshold))
         if not event.get("more_body", False):
-            return b"".join(chunks)
+            return
 
 
 async def respond(

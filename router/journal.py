@@ -244,6 +244,10 @@ class Journal:
             if isinstance(e, JournalUnavailable):
                 raise
             raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
+        try:
+            self._remove_orphan_bodies(conn)
+        except OSError as e:
+            log.warning("could not clear unreferenced body files: %s", e.strerror)
         self._conn = conn
         self.healthy = True
 
@@ -369,8 +373,8 @@ class Journal:
         def write(conn: sqlite3.Connection) -> Appended:
             seq, duplicates = conn.execute(
                 """INSERT INTO messages (message_id, type, "when", request_id, received_at,
-                       body, body_size, routed, order_key)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       body, body_file, body_size, routed, order_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (message_id) DO UPDATE
                        SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
                    RETURNING seq, duplicates""",
@@ -380,8 +384,9 @@ class Journal:
                     message.when,
                     message.request_id,
                     message.received_at,
-                    message.body,
-                    len(message.body),
+                    message.body if message.in_memory else None,
+                    self._relative(message.body_file),
+                    message.body_size,
                     1 if sinks else 0,
                     message.order_key,
                 ),
@@ -400,6 +405,16 @@ class Journal:
 
         result: Appended = await self._write(write)
         return result
+
+    def _relative(self, body_file: Path | None) -> str | None:
+        if body_file is None:
+            return None
+        return str(body_file.relative_to(self.directory))
+
+    @property
+    def bodies(self) -> Path:
+        """Where large bodies are stored, one file each (see ``router.spool``)."""
+        return self.directory / "bodies"
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
         """Store the result of delivery attempts."""
@@ -481,16 +496,22 @@ class Journal:
             marks = ",".join("?" * len(seqs))
             rows = conn.execute(
                 f"""SELECT seq, message_id, type, "when", request_id, received_at, body,
-                           body_file, order_key
+                           body_file, order_key, body_size
                     FROM messages WHERE seq IN ({marks})""",  # noqa: S608
                 list(seqs),
             ).fetchall()
             found = {}
-            for seq, mid, type_, when, request_id, received_at, body, body_file, key in rows:
-                if body is None and body_file is not None:
-                    body = (self.directory / body_file).read_bytes()
+            for seq, mid, type_, when, request_id, received_at, body, body_file, key, size in rows:
                 found[seq] = Message(
-                    mid, type_, when, bytes(body), received_at, request_id, order_key=key
+                    mid,
+                    type_,
+                    when,
+                    None if body is None else bytes(body),
+                    received_at,
+                    request_id,
+                    order_key=key,
+                    body_file=None if body_file is None else self.directory / body_file,
+                    body_size=size,
                 )
             return found
 
@@ -528,30 +549,48 @@ class Journal:
         removed = 0
         while True:
 
-            def write(conn: sqlite3.Connection) -> int:
-                seqs = [
-                    row[0]
-                    for row in conn.execute(
-                        """SELECT m.seq FROM messages m
-                           WHERE m.received_at < ? AND m.routed = 1 AND NOT EXISTS (
-                               SELECT 1 FROM deliveries d
-                               WHERE d.seq = m.seq AND d.state != 'delivered')
-                           ORDER BY m.seq LIMIT ?""",
-                        (cutoff, batch),
-                    )
-                ]
+            def write(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+                rows = conn.execute(
+                    """SELECT m.seq, m.body_file FROM messages m
+                       WHERE m.received_at < ? AND m.routed = 1 AND NOT EXISTS (
+                           SELECT 1 FROM deliveries d
+                           WHERE d.seq = m.seq AND d.state != 'delivered')
+                       ORDER BY m.seq LIMIT ?""",
+                    (cutoff, batch),
+                ).fetchall()
+                seqs = [seq for seq, _ in rows]
                 marks = ",".join("?" * len(seqs))
                 conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks})", seqs)  # noqa: S608
                 conn.execute(f"DELETE FROM messages WHERE seq IN ({marks})", seqs)  # noqa: S608
-                return len(seqs)
+                return len(seqs), [name for _, name in rows if name]
 
-            count: int = await self._write(write)
+            count: int
+            files: list[str]
+            count, files = await self._write(write)
+            # Only after the commit: a crash before it keeps both row and file.
+            await anyio.to_thread.run_sync(self._unlink, files)
             removed += count
             if count < batch:
                 break
         if removed:
             await self._write(lambda conn: conn.execute("PRAGMA incremental_vacuum(2000)"))
         return removed
+
+    def _unlink(self, names: Iterable[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).unlink()
+
+    def _remove_orphan_bodies(self, conn: sqlite3.Connection) -> None:
+        """Body files no message refers to: left by a crash between storing a large body and
+        committing its message (which was then never answered 200)."""
+        if not self.bodies.is_dir():
+            return
+        kept = {row[0] for row in conn.execute("SELECT body_file FROM messages WHERE body_file")}
+        for path in self.bodies.iterdir():
+            if f"bodies/{path.name}" not in kept:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     async def ping(self) -> None:
         """Prove the journal can commit a transaction (for readiness)."""

@@ -515,7 +515,6 @@ def test_empty_env_secret_is_a_problem(tmp_path: Path) -> None:
         ("s3cret-key\n", b"s3cret-key"),
         ("s3cret-key\r\n", b"s3cret-key"),
         ("s3cret-key", b"s3cret-key"),
-        ("s3cret-key\n\n", b"s3cret-key\n"),  # only one trailing newline is removed
     ],
 )
 def test_file_secret_is_read_relative_to_config_without_trailing_newline(
@@ -530,6 +529,23 @@ def test_file_secret_is_read_relative_to_config_without_trailing_newline(
     config = load_config(path, environ={})
     assert config.key_bytes() == (key,)
     assert config.warnings == ()
+
+
+@pytest.mark.parametrize("content", ["s3cret-key\n\n", " s3cret-key", "s3cret-key \n"])
+def test_a_key_with_surrounding_whitespace_is_refused(tmp_path: Path, content: str) -> None:
+    # Only one trailing newline is removed from a secret file; a key keeping whitespace at
+    # either end could never match x-webhook-key (HTTP strips it), so it is an error.
+    key_file = tmp_path / "current.key"
+    key_file.write_text(content, newline="")
+    key_file.chmod(0o600)
+    path = secret_config(tmp_path, "file: current.key")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    (problem,) = info.value.problems
+    assert (problem.path, problem.message) == (
+        "auth.keys[0]",
+        "a key must not start or end with whitespace",
+    )
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])

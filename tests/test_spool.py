@@ -1,0 +1,123 @@
+"""Large bodies: the spool writes them to disk past a threshold, and the streaming parser
+reads exactly what the in-memory parser reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.parse import BadMessage, Parsed, parse
+from router.spool import Spool, parse_file
+from tests.conftest import fixture_vectors
+
+pytestmark = pytest.mark.anyio
+
+
+def both(tmp_path: Path, body: bytes) -> tuple[Parsed | str, Parsed | str]:
+    path = tmp_path / "body.json"
+    path.write_bytes(body)
+    results: list[Parsed | str] = []
+    for reader in (lambda: parse(body), lambda: parse_file(path)):
+        try:
+            results.append(reader())
+        except BadMessage:
+            results.append("BadMessage")
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize(("name", "body"), [(n, b) for n, b, _ in fixture_vectors()])
+def test_fixtures_parse_the_same_streamed(tmp_path: Path, name: str, body: bytes) -> None:
+    in_memory, streamed = both(tmp_path, body)
+    assert isinstance(in_memory, Parsed)
+    assert streamed == in_memory
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[1]",
+        b'"text"',
+        b'{"meta": []}',
+        b'{"meta": {"type": 1, "messageId": "m"}}',
+        b'{"meta": {"type": "t"}}',
+        b'{"meta": {"type": "t", "messageId": "m"}} trailing',
+        b'{"meta": {"type": "t", "messageId": "m"}, "x": NaN}',
+        b'\xef\xbb\xbf{"meta": {"type": "t", "messageId": "m"}}',
+        b'{"payload": {"patientId": "p"}, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"meta": {"type": "t\\u0007", "messageId": "m"}}',
+        b'{"meta": {"type": "t", "messageId": "m", "when": null}}',
+        b'{"meta": {"type": "", "messageId": "m"}}',
+        b"\xff\xfe{}",
+    ],
+    ids=lambda b: b[:40].decode(errors="replace"),
+)
+def test_edge_cases_parse_the_same_streamed(tmp_path: Path, body: bytes) -> None:
+    in_memory, streamed = both(tmp_path, body)
+    assert streamed == in_memory
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "patientId", "userId"]), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    meta=st.dictionaries(
+        st.sampled_from(["type", "messageId", "when", "requestId", "data"]),
+        st.text(max_size=6) | st.integers() | st.none(),
+        max_size=5,
+    ),
+    extra=st.dictionaries(
+        st.sampled_from(["payload", "patients", "users", "ping", "other"]), json_values, max_size=3
+    ),
+)
+def test_any_document_parses_the_same_streamed(
+    tmp_path_factory: pytest.TempPathFactory, meta: dict[str, object], extra: dict[str, object]
+) -> None:
+    body = json.dumps({"meta": meta, **extra}).encode()
+    in_memory, streamed = both(tmp_path_factory.mktemp("doc"), body)
+    assert streamed == in_memory
+
+
+async def test_a_small_body_stays_in_memory(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "bodies", threshold=100)
+    await spool.write(b"x" * 60)
+    await spool.write(b"y" * 40)
+    assert not spool.spooled
+    assert spool.body() == b"x" * 60 + b"y" * 40
+    assert not (tmp_path / "bodies").exists()
+
+
+async def test_a_large_body_goes_to_a_file_sealed_under_its_final_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "bodies", threshold=100)
+    parts = [bytes([65 + i]) * 70 for i in range(5)]
+    for part in parts:
+        await spool.write(part)
+    assert spool.spooled and spool.size == 350
+    name = await spool.seal()
+    assert name.startswith("bodies/") and name.endswith(".json")
+    stored = tmp_path / name
+    assert stored.read_bytes() == b"".join(parts)
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in (tmp_path / "bodies").iterdir()] == [stored.name]
+
+
+async def test_a_discarded_body_leaves_no_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "bodies", threshold=10)
+    await spool.write(b"z" * 50)
+    assert spool.spooled
+    await spool.discard()
+    assert list((tmp_path / "bodies").iterdir()) == []
+    await anyio.lowlevel.checkpoint()
