@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-config clean
+.PHONY: run test lint check-config clean bench bench-quick bench-profile bench-soak bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,39 @@ lint: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## bench: the benchmark (bench/README.md): floor, router and peer side by side, latency at half
+## load, end-to-end, memory, large bodies; a table on stdout, JSON in bench/results/ (~5 min).
+## Extra options: make bench BENCH_ARGS="--duration 20 --connections 64"
+bench: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## bench-quick: the same, short (about a minute): one 3 s run each, 5,000 messages, 16 MiB only
+bench-quick: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
+## bench-profile: where the router's CPU goes under wrk load (py-spy, installed into .venv)
+bench-profile: $(VENV)/.installed bench-tools
+	$(BIN)/python -m pip install --quiet py-spy
+	$(BIN)/python bench/run.py --phases none --profile 10 $(BENCH_ARGS)
+
+## bench-soak: 10 minutes of wrk load on one router in 60 s slices: does throughput decay?
+bench-soak: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/run.py --phases none --soak 600 $(BENCH_ARGS)
+
+# The load generator (wrk) and the peer (adnanh/webhook) are Debian packages:
+#     apt-get update && apt-get install -y wrk webhook
+# bench-tools installs whichever is missing when it runs as root with apt-get; otherwise it says
+# how to install them, and the benchmark skips the parts that need them.
+bench-tools:
+	@missing=""; \
+	for tool in wrk webhook; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "bench: installing$$missing (apt-get update && apt-get install -y$$missing)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing; } \
+			|| echo "bench: could not install$$missing: the benchmark skips what needs it"; \
+	else \
+		echo "bench: missing$$missing; install with: sudo apt-get update && sudo apt-get install -y$$missing"; \
+		echo "bench: (without wrk: no throughput figures; without webhook: no peer figures)"; \
+	fi

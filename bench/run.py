@@ -27,13 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,8 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,465 +45,30 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import payloads
 import pyspy_breakdown
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-VENV_BIN = Path(sys.executable).parent
-KEY = "BENCH-not-a-secret-k1"  # 21 characters, like a Metriport webhook key
-MIB = 1 << 20
-
-# -- targets from issue 5 (checked in the table; never in tests) -------------------------------
-TARGETS = {
-    "router_vs_floor": 0.8,
-    "router_vs_peer": 3.0,
-    "ack_p99_ms": 25.0,
-    "ping_p99_ms": 10.0,
-    "e2e_drain_after_last_ack_s": 2.0,
-    "delivery_lag_p99_ms": 250.0,
-    "rss_idle_mb": 60.0,
-    "rss_load_mb": 150.0,
-    "large_rss_growth_mb": 64.0,
-}
-
-
-def log(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-# -- /proc helpers ----------------------------------------------------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def process_tree(pid: int) -> list[int]:
-    tree = _children()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(tree.get(p, []))
-    return out
-
-
-def status_kb(pid: int, field_name: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def tree_kb(pid: int, field_name: str) -> int:
-    return sum(status_kb(p, field_name) for p in process_tree(pid))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all threads) and of its waited-for children."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def core_times(cpu: int | None) -> tuple[float, float]:
-    """(busy, total) jiffies of one CPU (or all) from /proc/stat."""
-    name = "cpu" if cpu is None else f"cpu{cpu}"
-    for line in Path("/proc/stat").read_text().splitlines():
-        parts = line.split()
-        if parts[0] == name:
-            values = [int(x) for x in parts[1:9]]
-            idle = values[3] + values[4]
-            return float(sum(values) - idle), float(sum(values))
-    return 0.0, 0.0
-
-
-def clear_peak_rss(pid: int) -> bool:
-    """Reset VmHWM (``echo 5 > /proc/PID/clear_refs``, Linux 4.0+, needs the right to)."""
-    ok = True
-    for p in process_tree(pid):
-        try:
-            Path(f"/proc/{p}/clear_refs").write_text("5")
-        except OSError:
-            ok = False
-    return ok
-
-
-class Sampler:
-    """While active: the largest RSS of a process tree (every 50 ms), its CPU use, and how busy
-    the server's CPU was (to see whether something else ran there)."""
-
-    def __init__(self, pid: int, cpu: int | None) -> None:
-        self.pid, self.cpu = pid, cpu
-        self.max_rss_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.max_rss_kb = max(self.max_rss_kb, tree_kb(self.pid, "VmRSS"))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> Sampler:
-        self._t0 = time.monotonic()
-        self._cpu0 = cpu_seconds(self.pid)
-        self._core0 = core_times(self.cpu)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        wall = time.monotonic() - self._t0
-        busy0, total0 = self._core0
-        busy1, total1 = core_times(self.cpu)
-        self.process_cpu_pct = round(100 * (cpu_seconds(self.pid) - self._cpu0) / wall, 1)
-        self.core_busy_pct = round(100 * (busy1 - busy0) / max(total1 - total0, 1), 1)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "max_rss_mb": round(self.max_rss_kb / 1024, 1),
-            "server_process_cpu_pct": self.process_cpu_pct,
-            "server_core_busy_pct": self.core_busy_pct,
-            # CPU time on the server's core not used by the server: other processes (noise).
-            "other_on_server_core_pct": round(
-                max(0.0, self.core_busy_pct - self.process_cpu_pct), 1
-            ),
-        }
-
-
-# -- servers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv
-
-
-class Server:
-    """A server process we started (stopped by its own pid, SIGTERM then SIGKILL)."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        port: int,
-        workdir: Path,
-        cpu: int | None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name, self.port, self.workdir = name, port, workdir
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            pinned(cpu, argv),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env={**os.environ, **(env or {})},
-        )
-        self.pid = self.proc.pid
-
-    def wait_listening(self, timeout: float = 30.0, ready_path: str | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode}: "
-                    + self.log_path.read_text(errors="replace")[-2000:]
-                )
-            try:
-                if ready_path:
-                    url = f"http://127.0.0.1:{self.port}{ready_path}"
-                    with urllib.request.urlopen(url, timeout=1) as r:
-                        if r.status == 200:
-                            return
-                else:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not start listening within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def rss_mb(self, field_name: str = "VmRSS") -> float:
-        return round(tree_kb(self.pid, field_name) / 1024, 1)
-
-    def uses_uvloop(self) -> bool:
-        try:
-            return "uvloop" in Path(f"/proc/{self.pid}/maps").read_text()
-        except OSError:
-            return False
-
-
-ROUTER_CONFIG = """\
-# webhook-router benchmark configuration (written by bench/run.py)
-server:
-  listen: ["127.0.0.1:{port}"]
-  path: /webhook
-  max_body_bytes: {max_body}     # above 256 MiB, for the large-body phase
-auth:
-  accept: [signature]            # x-metriport-signature: HMAC-SHA256 over every body
-  keys:
-    - env: BENCH_WEBHOOK_KEY
-journal:
-  path: ./journal                # SQLite WAL, synchronous=FULL, group commit before each 200
-routes:
-  - match: "*"
-    to: [archive]
-sinks:
-  archive:
-    type: file
-    path: ./out/messages.jsonl   # envelope lines, fsync per batch (the default)
-"""
-
-
-@dataclass
-class Router:
-    server: Server
-    sink: Path
-
-
-def start_router(name: str, opts: Options) -> Router:
-    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=opts.tmp))
-    port = free_port()
-    config = workdir / "config.yaml"
-    config.write_text(ROUTER_CONFIG.format(port=port, max_body=300 * MIB))
-    server = Server(
-        name,
-        [str(VENV_BIN / "webhook-router"), "serve", "--config", str(config)],
-        port,
-        workdir,
-        opts.server_cpu,
-        env={"BENCH_WEBHOOK_KEY": KEY},
-    )
-    server.wait_listening(ready_path="/readyz")
-    return Router(server, workdir / "out" / "messages.jsonl")
-
-
-def start_floor(opts: Options, loop: str) -> Server:
-    workdir = Path(tempfile.mkdtemp(prefix="floor-", dir=opts.tmp))
-    port = free_port()
-    argv = [sys.executable, str(BENCH / "floor_app.py"), "--bind", f"127.0.0.1:{port}"]
-    server = Server("floor", [*argv, "--loop", loop], port, workdir, opts.server_cpu)
-    server.wait_listening()
-    return server
-
-
-def start_peer(opts: Options) -> tuple[Server, Path]:
-    workdir = Path(tempfile.mkdtemp(prefix="peer-", dir=opts.tmp))
-    out = workdir / "peer-out.jsonl"
-    script = workdir / "append.sh"
-    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$1\" >> {out}\n")
-    script.chmod(0o755)
-    hooks = [
-        {
-            "id": "metriport",
-            "execute-command": str(script),
-            "command-working-directory": str(workdir),
-            "http-methods": ["POST"],
-            "pass-arguments-to-command": [{"source": "entire-payload"}],
-            # Answer after the command ran (the payload is in the file), as the router answers
-            # after the journal commit; without it webhook answers first and runs it later.
-            "include-command-output-in-response": True,
-            "trigger-rule-mismatch-http-response-code": 401,
-            "trigger-rule": {
-                "match": {
-                    "type": "value",
-                    "value": KEY,
-                    "parameter": {"source": "header", "name": "x-webhook-key"},
-                }
-            },
-        }
-    ]
-    (workdir / "hooks.json").write_text(json.dumps(hooks, indent=2))
-    port = free_port()
-    argv = ["webhook", "-hooks", str(workdir / "hooks.json"), "-ip", "127.0.0.1"]
-    server = Server("peer", [*argv, "-port", str(port)], port, workdir, opts.server_cpu)
-    server.wait_listening()
-    return server, out
-
-
-# -- metrics ----------------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-    except (OSError, urllib.error.URLError):
-        return []
-    out = []
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            out.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
-    return out
-
-
-def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    return sum(
-        v
-        for n, lab, v in samples
-        if n == name and all(lab.get(k) == want for k, want in labels.items())
-    )
-
-
-def buckets(samples: list[tuple[str, dict[str, str], float]], name: str) -> dict[float, float]:
-    out: dict[float, float] = {}
-    for n, lab, v in samples:
-        if n == name + "_bucket":
-            le = float(lab["le"])
-            out[le] = out.get(le, 0.0) + v
-    return out
-
-
-def histogram_quantile(
-    before: dict[float, float], after: dict[float, float], q: float
-) -> float | None:
-    """Prometheus-style quantile (linear within the bucket) of the observations between two
-    scrapes; None when there are none. Above the last finite bucket: that bucket's bound."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    if not counts or counts[-1] <= 0:
-        return None
-    rank = q * counts[-1]
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
-            if bound == float("inf"):
-                return prev_bound
-            width = count - prev_count
-            return prev_bound + (bound - prev_bound) * ((rank - prev_count) / width if width else 1)
-        prev_bound, prev_count = bound, count
-    return None
-
-
-def delivered_and_accepted(port: int) -> tuple[float, float]:
-    s = scrape(port)
-    return (
-        metric_sum(s, "webhook_router_deliveries_total", outcome="delivered"),
-        metric_sum(s, "webhook_router_messages_accepted_total"),
-    )
-
-
-def wait_drained(router: Router, timeout: float = 180.0) -> float | None:
-    """Wait until every accepted message is delivered (metrics); the seconds it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        delivered, accepted = delivered_and_accepted(router.server.port)
-        if accepted and delivered >= accepted:
-            return round(time.monotonic() - t0, 3)
-        time.sleep(0.05)
-    log(f"warning: {router.server.name}: backlog not delivered within {timeout} s")
-    return None
-
-
-# -- the sink file watcher ------------------------------------------------------------------
-
-_RECEIVED = re.compile(rb'"receivedAt":"([^"]+)"')
-
-
-class SinkWatcher:
-    """Follows the sink file (every 2 ms): counts lines, notes when a count was reached, and
-    the lag of each line = the time it became visible - its envelope ``receivedAt``."""
-
-    def __init__(self, path: Path, target: int | None = None) -> None:
-        self.path, self.target = path, target
-        self.offset = path.stat().st_size if path.exists() else 0
-        self.lines = 0
-        self.lags: list[float] = []
-        self.reached_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        pending = b""
-        f = None
-        try:
-            while not self._stop.is_set():
-                if f is None:
-                    if not self.path.exists():
-                        time.sleep(0.002)
-                        continue
-                    f = self.path.open("rb")
-                    f.seek(self.offset)
-                data = f.read()
-                if data:
-                    now = time.time()
-                    pending += data
-                    *complete, pending = pending.split(b"\n")
-                    for line in complete:
-                        self.lines += 1
-                        m = _RECEIVED.search(line, 0, 400)
-                        if m:
-                            received = dt.datetime.fromisoformat(m[1].decode()).timestamp()
-                            self.lags.append(now - received)
-                    if self.target and self.reached_at is None and self.lines >= self.target:
-                        self.reached_at = now
-                else:
-                    time.sleep(0.002)
-        finally:
-            if f is not None:
-                f.close()
-
-    def __enter__(self) -> SinkWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def lag_ms(self) -> dict[str, float]:
-        return percentiles_ms(self.lags)
-
-
-def percentiles_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ordered[-1] * 1000, 1)}
-
+import report
+import servers
+from procfs import Sampler, clear_peak_rss, filesystem_of, task_ticks
+from servers import (
+    BENCH,
+    KEY,
+    MIB,
+    ROOT,
+    VENV_BIN,
+    Router,
+    Server,
+    SinkWatcher,
+    buckets,
+    delivered_and_accepted,
+    histogram_quantile,
+    log,
+    metric_sum,
+    pinned,
+    scrape,
+    start_floor,
+    start_peer,
+    start_router,
+    wait_drained,
+)
 
 # -- load generators --------------------------------------------------------------------------
 
@@ -526,6 +85,10 @@ class Options:
     large_sizes: list[int]
     profile: float
     skip_peer: bool
+    soak: float
+    soak_slice: float
+    retries: int
+    nice: int
     phases: set[str]
     server_cpu: int | None
     load_cpu: int | None
@@ -541,7 +104,7 @@ def run_wrk(url: str, pool: Path, mode: str, opts: Options, duration: float, key
         opts.wrk or "wrk",
         f"-t{opts.threads}",
         f"-c{opts.connections}",
-        f"-d{duration}s",
+        f"-d{max(1, round(duration))}s",
         "--timeout",
         "10s",
         "-s",
@@ -582,11 +145,29 @@ def fixed_rate_result(proc: subprocess.Popen[bytes], pool: Path, timeout: float)
     return json.loads(pool.with_suffix(".result.json").read_text())
 
 
+def disturbed(window: dict[str, Any], saturating: bool = False) -> bool:
+    """Whether other processes (more than 10 % of a CPU) took a noticeable share (20 %) of the
+    server's CPU or of the load generator's during a window. The server's own kernel work
+    (fsync, loopback) also shows on the cores, hence the test on other processes too. For a
+    ``saturating`` run (wrk at full speed) a busy load-generator CPU matters only if the server
+    was then not kept busy (its CPU under 95 % busy)."""
+    if window["other_processes_cpu_pct"] <= 10:
+        return False
+    if window["server_core_not_server_pct"] > 20:
+        return True
+    starved = window["load_core_not_ours_pct"] > 20
+    return starved and (not saturating or window["server_core_busy_pct"] < 95)
+
+
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    rates = [r["rps"] for r in runs]
+    """Median over the undisturbed runs (over all of them if every one was disturbed)."""
+    clean = [r["rps"] for r in runs if not r.get("disturbed")]
+    rates = clean or [r["rps"] for r in runs]
     return {
         "rps_median": round(statistics.median(rates), 1) if rates else None,
         "rps_runs": rates,
+        "disturbed_runs_left_out": len(runs) - len(clean) if clean else 0,
+        "all_disturbed": not clean,
         "runs": runs,
     }
 
@@ -598,7 +179,22 @@ def errors_of(result: dict[str, Any]) -> int:
 # -- phases ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Target:
+    """One server measured with wrk: how to reach it and what to send."""
+
+    name: str
+    server: Server
+    url: str
+    mode: str  # "cycle": ids may repeat (floor, peer); "once": fresh unique ids (router)
+    key: str = ""
+    router: Router | None = None
+
+
 def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
+    """floor, router and peer up at once (all pinned to the server CPU, idle when not
+    measured), measured in interleaved rounds (floor, router, peer; floor, router, peer; ...)
+    so that a burst of outside load hits all three alike; medians per server."""
     out: dict[str, Any] = results.setdefault("throughput", {})
     if not opts.wrk:
         out["skipped"] = "wrk is not installed (apt-get install -y wrk): no throughput figures"
@@ -606,100 +202,116 @@ def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
         return
     cycle_pool = payloads.write_pool(opts.tmp / "cycle-pool.txt", 20_000, KEY.encode())
     results["body_bytes_mean"] = round(cycle_pool.mean_body_bytes)
-
-    log("router (throughput instance): starting")
-    router = start_router("router", opts)
+    targets: list[Target] = []
     try:
+        log("router (throughput instance): starting")
+        router = start_router("router", opts.tmp, opts.server_cpu)
+        url = f"http://127.0.0.1:{router.server.port}/webhook"
+        targets.append(Target("router", router.server, url, "once", router=router))
         time.sleep(1.0)
-        loop = opts.floor_loop
         uvloop = router.server.uses_uvloop()
-        if loop == "auto":
-            loop = "uvloop" if uvloop else "asyncio"
+        loop = opts.floor_loop if opts.floor_loop != "auto" else "uvloop" if uvloop else "asyncio"
         out["router_loop"] = "uvloop" if uvloop else "asyncio"
         out["floor_loop"] = loop
-        results.setdefault("memory", {})["rss_idle_mb"] = router.server.rss_mb()
+        results["memory"]["rss_idle_mb"] = router.server.rss_mb()
 
-        log(f"floor: hypercorn {loop} bare app")
-        floor = start_floor(opts, loop)
-        try:
-            url = f"http://127.0.0.1:{floor.port}/webhook"
-            run_wrk(url, cycle_pool.path, "cycle", opts, opts.warmup)
-            runs = []
-            for i in range(opts.runs):
-                with Sampler(floor.pid, opts.server_cpu) as sampler:
-                    r = run_wrk(url, cycle_pool.path, "cycle", opts, opts.duration)
-                r.update(sampler.summary(), loadavg=os.getloadavg()[0])
-                runs.append(r)
-                log(f"  floor run {i + 1}: {r['rps']:,.0f} req/s, errors {errors_of(r)}")
-            out["floor"] = summarize_runs(runs)
-        finally:
-            floor.stop()
+        log(f"floor: hypercorn ({loop}) bare app: starting")
+        floor = start_floor(opts.tmp, opts.server_cpu, loop)
+        targets.insert(0, Target("floor", floor, f"http://127.0.0.1:{floor.port}/webhook", "cycle"))
+        peer_out = None
+        if opts.skip_peer:
+            out["peer"] = {"skipped": "--skip-peer"}
+        elif not shutil.which("webhook"):
+            out["peer"] = {
+                "skipped": "adnanh/webhook is not installed (apt-get install -y webhook)"
+            }
+            log(out["peer"]["skipped"])
+        else:
+            log("peer: adnanh/webhook (key header check, appends the payload to a file): starting")
+            peer, peer_out = start_peer(opts.tmp, opts.server_cpu)
+            url = f"http://127.0.0.1:{peer.port}/hooks/metriport"
+            targets.append(Target("peer", peer, url, "cycle", KEY))
 
-        floor_rps = out["floor"]["rps_median"] or 5000
-        rows = int(max(floor_rps, 3000) * opts.duration * 1.6) + 2000
-        log(f"router: {opts.runs} runs, {rows:,} fresh signed requests each (unique ids)")
-        url = f"http://127.0.0.1:{router.server.port}/webhook"
-        warm = payloads.write_pool(opts.tmp / "router-warmup.txt", rows, KEY.encode())
-        run_wrk(url, warm.path, "once", opts, opts.warmup)
-        warm.path.unlink()
-        wait_drained(router)
-        runs = []
+        # Fresh, unique ids for every router run: enough rows for the floor's rate (the router
+        # does more work on the same HTTP stack), grown if a run used most of its pool.
+        rows = 0
+        warm: dict[str, float] = {}
+        for t in targets:
+            if t.mode == "once":
+                rows = int(max(warm.get("floor", 5000), 3000) * opts.duration * 1.6) + 2000
+            warm[t.name] = one_run(t, opts, cycle_pool.path, opts.warmup, rows, "warmup")["rps"]
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         max_rss = 0.0
         for i in range(opts.runs):
-            pool = payloads.write_pool(opts.tmp / f"router-{i}.txt", rows, KEY.encode())
-            dup0 = metric_sum(scrape(router.server.port), "webhook_router_duplicates_total")
-            with Sampler(router.server.pid, opts.server_cpu) as sampler:
-                r = run_wrk(url, pool.path, "once", opts, opts.duration)
-            r.update(sampler.summary(), loadavg=os.getloadavg()[0])
-            r["drain_after_load_s"] = wait_drained(router)
-            dup1 = metric_sum(scrape(router.server.port), "webhook_router_duplicates_total")
-            r["duplicates"] = int(dup1 - dup0)
-            if r["wraps"]:
-                log(f"  warning: the pool ran out ({r['wraps']} wraps): ids repeated")
-            max_rss = max(max_rss, sampler.max_rss_kb / 1024)
-            pool.path.unlink()
-            runs.append(r)
-            log(
-                f"  router run {i + 1}: {r['rps']:,.0f} req/s, errors {errors_of(r)}, "
-                f"backlog delivered {r['drain_after_load_s']} s after the load stopped"
-            )
-        out["router"] = summarize_runs(runs)
+            for t in targets:
+                for attempt in range(1 + opts.retries):
+                    r = one_run(t, opts, cycle_pool.path, opts.duration, rows, f"run {i + 1}")
+                    runs[t.name].append(r)
+                    if t.router is not None:
+                        max_rss = max(max_rss, r["max_rss_mb"])
+                        if r["sent"] > 0.8 * rows:
+                            rows = int(rows * 1.5)
+                    if not r["disturbed"]:
+                        break
+                    if attempt < opts.retries:
+                        log(f"  {t.name} run {i + 1} was disturbed by other processes: again")
+        for t in targets:
+            out[t.name] = summarize_runs(runs[t.name])
         mem = results["memory"]
         mem["rss_load_max_mb"] = round(max_rss, 1)
         mem["vmhwm_after_load_mb"] = router.server.rss_mb("VmHWM")
         time.sleep(2.0)
         mem["rss_after_load_idle_mb"] = router.server.rss_mb()
-    finally:
-        router.server.stop()
-
-    if opts.skip_peer:
-        out["peer"] = {"skipped": "--skip-peer"}
-    elif not shutil.which("webhook"):
-        out["peer"] = {"skipped": "adnanh/webhook is not installed (apt-get install -y webhook)"}
-        log(out["peer"]["skipped"])
-    else:
-        log("peer: adnanh/webhook, key header check, appends the payload to a file")
-        peer, peer_out = start_peer(opts)
-        try:
-            url = f"http://127.0.0.1:{peer.port}/hooks/metriport"
-            run_wrk(url, cycle_pool.path, "cycle", opts, opts.warmup, KEY)
-            runs = []
-            for i in range(opts.runs):
-                with Sampler(peer.pid, opts.server_cpu) as sampler:
-                    r = run_wrk(url, cycle_pool.path, "cycle", opts, opts.duration, KEY)
-                r.update(sampler.summary(), loadavg=os.getloadavg()[0])
-                runs.append(r)
-                log(f"  peer run {i + 1}: {r['rps']:,.0f} req/s, errors {errors_of(r)}")
-            out["peer"] = summarize_runs(runs)
+        if peer_out is not None:
             with peer_out.open("rb") as f:
                 out["peer"]["lines_written"] = sum(chunk.count(b"\n") for chunk in iter_chunks(f))
-        finally:
-            peer.stop()
+    finally:
+        for t in targets:
+            t.server.stop()
 
     r_rps, f_rps = out["router"]["rps_median"], out["floor"]["rps_median"]
     out["router_vs_floor"] = round(r_rps / f_rps, 3) if f_rps else None
-    p_rps = out["peer"].get("rps_median")
+    p_rps = out.get("peer", {}).get("rps_median")
     out["router_vs_peer"] = round(r_rps / p_rps, 2) if p_rps else None
+    # The same ratios round by round (each round's runs are seconds apart).
+    for other in ("floor", "peer"):
+        if "rps_runs" in out.get(other, {}):
+            out[f"router_vs_{other}_by_round"] = [
+                round(r / o, 3)
+                for r, o in zip(out["router"]["rps_runs"], out[other]["rps_runs"], strict=False)
+            ]
+
+
+def one_run(
+    t: Target, opts: Options, cycle_pool: Path, duration: float, rows: int, label: str
+) -> dict[str, Any]:
+    pool = cycle_pool
+    if t.mode == "once":
+        wanted = max(1000, int(rows * duration / opts.duration))
+        pool = payloads.write_pool(opts.tmp / f"{t.name}-pool.txt", wanted, KEY.encode()).path
+    assert t.router is None or t.mode == "once"
+    dup0 = metric_sum(scrape(t.server.port), "webhook_router_duplicates_total") if t.router else 0
+    with Sampler(t.server.pid, opts.server_cpu, opts.load_cpu) as sampler:
+        r: dict[str, Any] = run_wrk(t.url, pool, t.mode, opts, duration, t.key)
+    r.update(sampler.summary())
+    r["disturbed"] = disturbed(r, saturating=True)
+    text = f"  {t.name} {label}: {r['rps']:,.0f} req/s, errors {errors_of(r)}"
+    if r["disturbed"]:
+        text += (
+            f" (disturbed: other processes took {r['server_core_not_server_pct']:.0f}% of the"
+            f" server's CPU, {r['load_core_not_ours_pct']:.0f}% of the load generator's)"
+        )
+    if t.router is not None:
+        r["drain_after_load_s"] = wait_drained(t.router)
+        dup1 = metric_sum(scrape(t.server.port), "webhook_router_duplicates_total")
+        r["duplicates"] = int(dup1 - dup0)
+        text += f", backlog delivered {r['drain_after_load_s']} s after the load stopped"
+        r["journal_mb"] = t.router.journal_mb()
+        if r["wraps"]:
+            log(f"  warning: the pool ran out ({r['wraps']} wraps): ids repeated")
+        pool.unlink()
+    log(text)
+    return r
 
 
 def iter_chunks(f: Any) -> Iterator[bytes]:
@@ -710,11 +322,12 @@ def iter_chunks(f: Any) -> Iterator[bytes]:
 def latency_phase(opts: Options, results: dict[str, Any]) -> None:
     out: dict[str, Any] = results.setdefault("latency", {})
     log("router (latency instance): starting")
-    router = start_router("router-latency", opts)
+    router = start_router("router-latency", opts.tmp, opts.server_cpu)
     port = router.server.port
     url = f"http://127.0.0.1:{port}/webhook"
     try:
         time.sleep(1.0)
+        results["memory"].setdefault("rss_idle_mb", router.server.rss_mb())
         # End-to-end: N messages as fast as the router takes them (closed loop).
         n = opts.e2e_count
         pool = payloads.write_pool(opts.tmp / "e2e.txt", n, KEY.encode())
@@ -722,7 +335,7 @@ def latency_phase(opts: Options, results: dict[str, Any]) -> None:
         before = buckets(scrape(port), "webhook_router_delivery_seconds")
         with (
             SinkWatcher(router.sink, target=n) as watcher,
-            Sampler(router.server.pid, opts.server_cpu) as sampler,
+            Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler,
         ):
             proc = run_fixed_rate(url, pool.path, opts, rate=0, count=n)
             client = fixed_rate_result(proc, pool.path, timeout=600)
@@ -761,7 +374,7 @@ def latency_phase(opts: Options, results: dict[str, Any]) -> None:
         before = buckets(scrape(port), "webhook_router_delivery_seconds")
         with (
             SinkWatcher(router.sink) as watcher,
-            Sampler(router.server.pid, opts.server_cpu) as sampler,
+            Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler,
         ):
             proc = run_fixed_rate(url, msgs.path, opts, rate=rate, duration=secs)
             ping_proc = subprocess.Popen(
@@ -812,13 +425,18 @@ def latency_phase(opts: Options, results: dict[str, Any]) -> None:
         ping_pool = payloads.write_pool(
             opts.tmp / "pings.txt", int(rate * secs) + 100, KEY.encode(), "ping"
         )
-        proc = run_fixed_rate(url, ping_pool.path, opts, rate=rate, duration=secs)
-        ping = fixed_rate_result(proc, ping_pool.path, timeout=secs + 300)
+        with Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler:
+            proc = run_fixed_rate(url, ping_pool.path, opts, rate=rate, duration=secs)
+            ping = fixed_rate_result(proc, ping_pool.path, timeout=secs + 300)
         out["ping"] = {
             "rate": rate,
             "answered": ping["statuses"],
+            "errors": ping["errors"],
             "achieved_rate": ping["achieved_rate"],
+            "late_sends": ping["late_sends"],
             "latency_ms": ping["latency_ms"],
+            "service_ms": ping["service_ms"],
+            **sampler.summary(),
         }
         results["memory"]["vmhwm_latency_instance_mb"] = router.server.rss_mb("VmHWM")
     finally:
@@ -857,7 +475,7 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
         size, signature = payloads.write_large_body(path, mib * MIB, KEY.encode(), tag=1000 + i)
         bodies.append((mib, path, size, signature))
     log(f"large bodies: generated {', '.join(f'{m} MiB' for m, *_ in bodies)}")
-    router = start_router("router-large", opts)
+    router = start_router("router-large", opts.tmp, opts.server_cpu)
     port = router.server.port
     try:
         time.sleep(1.0)
@@ -867,7 +485,7 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
             peak_reset = clear_peak_rss(router.server.pid)
             rss0 = router.server.rss_mb()
             t0 = time.monotonic()
-            with Sampler(router.server.pid, opts.server_cpu) as sampler:
+            with Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler:
                 status = post_file(port, path, size, signature, timeout=600)
                 t_200 = time.monotonic() - t0
                 hwm_at_200 = router.server.rss_mb("VmHWM")
@@ -891,6 +509,7 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
                 "peak_rss_growth_until_200_mb": round(hwm_at_200 - rss0, 1) if peak_reset else None,
                 "peak_measured_by": "VmHWM after clear_refs" if peak_reset else "VmRSS sampling",
                 "rss_after_mb": router.server.rss_mb(),
+                **{k: v for k, v in sampler.summary().items() if k != "max_rss_mb"},
             }
             out[f"{mib}MiB"] = row
             log(
@@ -900,6 +519,49 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
             path.unlink()
     finally:
         router.server.stop()
+
+
+def soak_phase(opts: Options, results: dict[str, Any]) -> None:
+    """One router under wrk for ``--soak`` seconds, in slices of ``--soak-slice`` seconds, each
+    with fresh ids (a few seconds apart while the next pool is written): does the rate decay as
+    the journal grows?"""
+    out: dict[str, Any] = results.setdefault("soak", {})
+    if not opts.wrk:
+        out["skipped"] = "wrk is not installed"
+        return
+    slices = max(2, round(opts.soak / opts.soak_slice))
+    log(f"soak: {slices} x {opts.soak_slice:g} s of wrk load on one router")
+    router = start_router("router-soak", opts.tmp, opts.server_cpu)
+    url = f"http://127.0.0.1:{router.server.port}/webhook"
+    guess = results.get("throughput", {}).get("router", {}).get("rps_median") or 4000
+    rows = int(guess * opts.soak_slice * 1.5) + 2000
+    runs = []
+    try:
+        for i in range(slices):
+            pool = payloads.write_pool(opts.tmp / "soak-pool.txt", rows, KEY.encode())
+            with Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler:
+                r: dict[str, Any] = run_wrk(url, pool.path, "once", opts, opts.soak_slice)
+            pool.path.unlink()
+            r.update(sampler.summary(), journal_mb=router.journal_mb())
+            r["disturbed"] = disturbed(r, saturating=True)
+            if r["sent"] > 0.8 * rows:
+                rows = int(rows * 1.5)
+            runs.append(r)
+            log(
+                f"  slice {i + 1}: {r['rps']:,.0f} req/s, journal {r['journal_mb']} MB, "
+                f"RSS max {r['max_rss_mb']} MB" + (" (disturbed)" if r["disturbed"] else "")
+            )
+        out["drain_after_load_s"] = wait_drained(router)
+    finally:
+        router.server.stop()
+    out["slice_s"] = opts.soak_slice
+    out["runs"] = runs
+    out["rps_slices"] = [r["rps"] for r in runs]
+    out["last_vs_first"] = round(runs[-1]["rps"] / runs[0]["rps"], 3)
+    out["journal_mb_end"] = runs[-1]["journal_mb"]
+    messages = sum(r["requests"] for r in runs)
+    out["messages"] = messages
+    out["journal_bytes_per_message"] = round(sum(out["journal_mb_end"].values()) * MIB / messages)
 
 
 def _wrk_into(box: dict[str, Any], *args: Any) -> None:
@@ -914,13 +576,19 @@ def profile_phase(opts: Options, results: dict[str, Any], results_dir: Path, sta
         log(out["skipped"])
         return
     secs = opts.profile
+    loop = "asyncio"
     for name in ("router", "floor"):
         if name == "router":
-            router = start_router("router-profile", opts)
+            router = start_router("router-profile", opts.tmp, opts.server_cpu)
             server, wrk_pool_mode = router.server, "once"
             rows = int(6000 * (secs + 6))
+            loop = "uvloop" if server.uses_uvloop() else "asyncio"
         else:
-            server, wrk_pool_mode, rows = start_floor(opts, "asyncio"), "cycle", 20_000
+            server, wrk_pool_mode, rows = (
+                start_floor(opts.tmp, opts.server_cpu, loop),
+                "cycle",
+                20_000,
+            )
         try:
             pool = payloads.write_pool(opts.tmp / f"profile-{name}.txt", rows, KEY.encode())
             url = f"http://127.0.0.1:{server.port}/webhook"
@@ -934,212 +602,34 @@ def profile_phase(opts: Options, results: dict[str, Any], results_dir: Path, sta
             time.sleep(2.0)
             argv = [spy, "record", "--pid", str(server.pid), "--duration", str(int(secs))]
             argv += ["--rate", "250", "--nonblocking", "--threads", "--format", "raw"]
+            ticks0, t0 = task_ticks(server.pid), time.monotonic()
             subprocess.run(
                 pinned(opts.load_cpu, [*argv, "-o", str(raw)]),
                 capture_output=True,
                 check=True,
                 timeout=secs + 60,
             )
+            ticks1, wall = task_ticks(server.pid), time.monotonic() - t0
             load.join()
+            names = pyspy_breakdown.thread_names(raw)
+            hz = os.sysconf("SC_CLK_TCK")
+            by_tid = {tid: (t - ticks0.get(tid, 0)) / hz for tid, t in ticks1.items()}
+            thread_cpu: dict[str, float] = {}
+            for tid, used in by_tid.items():
+                label = names.get(tid, "threads py-spy did not see")
+                thread_cpu[label] = round(thread_cpu.get(label, 0.0) + 100 * used / wall, 1)
             out[name] = {
+                "loop": loop,
                 "raw_stacks": str(raw.relative_to(ROOT)),
                 "rps_under_profile": box.get("rps"),
-                **pyspy_breakdown.breakdown(raw),
+                "thread_cpu_pct_of_a_core": thread_cpu,
+                **pyspy_breakdown.breakdown(raw, by_tid),
             }
+            print(f"{name} ({loop}) under wrk: {box.get('rps')} req/s while profiled")
+            print(f"CPU per thread from /proc (% of a core): {thread_cpu}")
             print(pyspy_breakdown.format_breakdown(out[name]))
         finally:
             server.stop()
-
-
-# -- report -----------------------------------------------------------------------------------
-
-
-def machine_info(opts: Options) -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gb": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "server_cpu": opts.server_cpu,
-        "load_cpu": opts.load_cpu,
-        "pinning": (
-            f"servers on CPU {opts.server_cpu}, load generators and this script on CPU "
-            f"{opts.load_cpu} (taskset)"
-            if opts.server_cpu is not None
-            else "no pinning (one CPU)"
-        ),
-    }
-
-
-def versions(opts: Options) -> dict[str, Any]:
-    out: dict[str, Any] = {"python": platform.python_version()}
-    for dist in ("webhook-router", "hypercorn", "h11", "anyio", "uvloop", "prometheus-client"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    for name, argv in (("wrk", [opts.wrk or "wrk", "-v"]), ("webhook", ["webhook", "-version"])):
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            text = (proc.stdout + proc.stderr).strip().splitlines()
-            out[name] = text[0] if text else None
-        except OSError:
-            out[name] = None
-    git = shutil.which("git")
-    with contextlib.suppress(OSError, subprocess.SubprocessError, TypeError):
-        out["git_commit"] = subprocess.run(
-            [git, "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        changed = subprocess.run(
-            [git, "-C", str(ROOT), "status", "--porcelain", "--", "router", "plugins"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.splitlines()
-        out["router_files_changed_since_commit"] = len(changed)
-    return out
-
-
-def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
-    if value is None:
-        return "n/a"
-    ok = value >= target if higher_is_better else value <= target
-    return "ok" if ok else "MISS"
-
-
-def fmt(value: Any, unit: str = "", digits: int = 0) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int | float):
-        return f"{value:,.{digits}f}{unit}"
-    return str(value)
-
-
-def report(results: dict[str, Any]) -> str:
-    m, o = results["machine"], results["options"]
-    lines = [
-        "",
-        f"webhook-router benchmark  {results['date']}  ({'quick' if o['quick'] else 'full'})",
-        f"machine: {m['nproc']} x {m['cpu_model']}, {m['memory_gb']} GB; {m['pinning']}",
-        f"load average at start {results['loadavg_start']}, at end {results['loadavg_end']}",
-        f"router {results['versions'].get('webhook-router')} @ "
-        f"{results['versions'].get('git_commit')}, hypercorn "
-        f"{results['versions'].get('hypercorn')}, Python {results['versions']['python']}",
-        "",
-    ]
-    rows: list[tuple[str, str, str, str]] = []
-
-    def row(name: str, value: str, target: str = "", ok: str = "") -> None:
-        rows.append((name, value, target, ok))
-
-    t = results.get("throughput", {})
-    if "skipped" in t:
-        row("throughput", "skipped: " + t["skipped"])
-    elif t:
-        spec = f"{o['duration']:g} s x {o['runs']}, {o['connections']} conns, wrk -t{o['threads']}"
-        row(f"throughput (req/s, median; {spec})", "")
-        for name, label in (
-            ("floor", f"floor: hypercorn {t.get('floor_loop')}, bare app"),
-            ("router", f"router: HMAC + fsync'd journal + file sink ({t.get('router_loop')})"),
-            ("peer", "peer: adnanh/webhook, key check + append"),
-        ):
-            r = t.get(name, {})
-            if "skipped" in r:
-                row("  " + label, "skipped: " + r["skipped"])
-            elif r:
-                runs = " / ".join(f"{x:,.0f}" for x in r["rps_runs"])
-                row("  " + label, f"{r['rps_median']:,.0f}  ({runs})")
-        rf, rp = t.get("router_vs_floor"), t.get("router_vs_peer")
-        row("  router / floor", fmt(rf, digits=2), ">= 0.8", verdict(rf, TARGETS["router_vs_floor"], True))
-        row("  router / peer", fmt(rp, digits=2), ">= 3", verdict(rp, TARGETS["router_vs_peer"], True))
-    lat = results.get("latency", {})
-    if lat:
-        e = lat.get("e2e", {})
-        row(f"end-to-end: {e.get('messages', 0):,} messages, closed loop", "")
-        acks = fmt(e.get("acks_s"), " s", 2) + f"  ({fmt(e.get('ack_rate'))}/s)"
-        row("  first POST -> last 200", acks)
-        row("  first POST -> all in sink file", fmt(e.get("all_in_sink_s"), " s", 2))
-        d = e.get("drain_after_last_ack_s")
-        row("  last 200 -> all in sink file", fmt(d, " s", 2), "<= 2 s", verdict(d, TARGETS["e2e_drain_after_last_ack_s"], False))
-        lag = e.get("delivery_lag_ms_sink_file", {})
-        row(
-            "  delivery lag p50 / p99 (sink file)",
-            f"{fmt(lag.get('p50'), ' ms')} / {fmt(lag.get('p99'), ' ms')}",
-        )
-        h = lat.get("half_rate", {})
-        row(f"at 50% of max rate: {h.get('rate', 0):,} msg/s, open loop", "")
-        ack = h.get("ack_latency_ms", {})
-        p99 = ack.get("p99")
-        row(
-            "  ack latency p50 / p99",
-            f"{fmt(ack.get('p50'), ' ms', 1)} / {fmt(p99, ' ms', 1)}",
-            "p99 <= 25 ms",
-            verdict(p99, TARGETS["ack_p99_ms"], False),
-        )
-        lag = h.get("delivery_lag_ms_sink_file", {})
-        p99 = lag.get("p99")
-        row(
-            "  delivery lag p50 / p99 (sink file)",
-            f"{fmt(lag.get('p50'), ' ms')} / {fmt(p99, ' ms')}",
-            "p99 <= 250 ms",
-            verdict(p99, TARGETS["delivery_lag_p99_ms"], False),
-        )
-        row(
-            "  delivery lag p99 (metrics histogram)",
-            fmt(h.get("delivery_lag_p99_ms_histogram"), " ms"),
-        )
-        beside = h.get("ping_beside_latency_ms", {})
-        row("  ping p99, 20/s beside that load", fmt(beside.get("p99"), " ms", 1))
-        p = lat.get("ping", {})
-        pl = p.get("latency_ms", {})
-        row(
-            f"ping alone at {p.get('rate', 0):,}/s: p50 / p99",
-            f"{fmt(pl.get('p50'), ' ms', 1)} / {fmt(pl.get('p99'), ' ms', 1)}",
-            "p99 <= 10 ms",
-            verdict(pl.get("p99"), TARGETS["ping_p99_ms"], False),
-        )
-    mem = results.get("memory", {})
-    if mem:
-        row("memory (router, VmRSS)", "")
-        v = mem.get("rss_idle_mb")
-        row("  idle after start", fmt(v, " MB", 1), "<= 60 MB", verdict(v, TARGETS["rss_idle_mb"], False))
-        loads = [mem.get(k) for k in ("rss_load_max_mb", "rss_e2e_max_mb", "rss_half_rate_max_mb")]
-        v = max((x for x in loads if x is not None), default=None)
-        row("  max under load (sampled)", fmt(v, " MB", 1), "<= 150 MB", verdict(v, TARGETS["rss_load_mb"], False))
-        row("  idle after wrk load", fmt(mem.get("rss_after_load_idle_mb"), " MB", 1))
-    big = results.get("large_bodies", {})
-    if big:
-        row("large consolidated-data bodies", "")
-        for key, r in big.items():
-            if not isinstance(r, dict):
-                continue
-            growth = r["peak_rss_growth_mb"]
-            target = "<= 64 MB" if r["size_mib"] == 256 else ""
-            ok = verdict(growth, TARGETS["large_rss_growth_mb"], False) if target else ""
-            row(
-                f"  {key}: status {r['status']}, 200 after / delivered after",
-                f"{fmt(r['time_to_200_s'], ' s', 2)} / {fmt(r['time_to_delivered_s'], ' s', 2)}",
-            )
-            row(f"  {key}: peak RSS growth", fmt(growth, " MB", 1), target, ok)
-    width = max(len(r[0]) for r in rows) + 2
-    vwidth = max(len(r[1]) for r in rows) + 2
-    for name, value, target, ok in rows:
-        lines.append(f"{name:<{width}}{value:<{vwidth}}{target:<14}{ok}".rstrip())
-    for note in results.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -1162,6 +652,23 @@ def parse_args() -> Options:
     )
     p.add_argument("--profile", type=float, default=0, help="also py-spy the router N seconds")
     p.add_argument("--skip-peer", action="store_true", help="do not run adnanh/webhook")
+    p.add_argument(
+        "--soak", type=float, default=0, help="also a soak of N seconds on one router (600)"
+    )
+    p.add_argument("--soak-slice", type=float, default=60, help="soak slice seconds (60)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="repeat a wrk run disturbed by other processes up to N times (default 2)",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run servers and load generators at this nice value (e.g. -10 as root on a "
+        "shared machine: steadier figures, other people's jobs slow down meanwhile)",
+    )
     p.add_argument("--server-cpu", type=int, help="CPU for servers (default: the last one)")
     p.add_argument("--load-cpu", type=int, help="CPU for load generators (default: CPU 0)")
     p.add_argument(
@@ -1171,6 +678,12 @@ def parse_args() -> Options:
         help="the floor's event loop (auto: the one the router process has loaded)",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--tmp-dir",
+        type=Path,
+        help="where journals, sink files and bodies go (default: $TMPDIR; use a real disk, "
+        "not tmpfs, or fsync costs nothing)",
+    )
     a = p.parse_args()
     ncpu = len(os.sched_getaffinity(0))
     server_cpu = a.server_cpu if a.server_cpu is not None else (max(os.sched_getaffinity(0)))
@@ -1190,6 +703,10 @@ def parse_args() -> Options:
         large_sizes=[int(x) for x in sizes.split(",") if x.strip()],
         profile=a.profile,
         skip_peer=a.skip_peer,
+        soak=a.soak,
+        soak_slice=a.soak_slice,
+        retries=a.retries,
+        nice=a.nice,
         phases={x.strip() for x in a.phases.split(",") if x.strip()},
         server_cpu=server_cpu,
         load_cpu=load_cpu,
@@ -1197,24 +714,31 @@ def parse_args() -> Options:
         quick=quick,
         wrk=shutil.which("wrk"),
         keep_tmp=a.keep_tmp,
+        tmp=a.tmp_dir or Path(tempfile.gettempdir()),
     )
 
 
 def main() -> int:
     opts = parse_args()
+    servers.NICE = opts.nice
+    if opts.nice:
+        os.nice(opts.nice)  # this script too: it follows the sink file
     if opts.load_cpu is not None:
         os.sched_setaffinity(0, {opts.load_cpu})
     results_dir = BENCH / "results"
     results_dir.mkdir(exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    tmp = Path(tempfile.mkdtemp(prefix="webhook-router-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="webhook-router-bench-", dir=opts.tmp))
     opts.tmp = tmp
     results: dict[str, Any] = {
         "date": now.isoformat(timespec="seconds"),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_info(opts),
-        "versions": versions(opts),
+        "machine": {
+            **report.machine_info(opts.server_cpu, opts.load_cpu),
+            "tmp_filesystem": filesystem_of(tmp),
+        },
+        "versions": report.versions(opts.wrk),
         "options": {
             "quick": opts.quick,
             "duration": opts.duration,
@@ -1226,6 +750,8 @@ def main() -> int:
             "e2e_count": opts.e2e_count,
             "large_sizes_mib": opts.large_sizes,
             "auth": "x-metriport-signature (HMAC-SHA256) on every request, pre-signed pools",
+            "nice": opts.nice,
+            "retries_of_disturbed_runs": opts.retries,
         },
         "memory": {},
         "notes": [],
@@ -1247,6 +773,12 @@ def main() -> int:
                 failed = True
                 results["notes"].append(f"{name} phase failed: {type(e).__name__}: {e}")
                 log(f"{name} phase failed: {type(e).__name__}: {e}")
+        if opts.soak:
+            try:
+                soak_phase(opts, results)
+            except Exception as e:
+                failed = True
+                results["notes"].append(f"soak failed: {type(e).__name__}: {e}")
         if opts.profile:
             try:
                 profile_phase(opts, results, results_dir, stamp)
@@ -1259,15 +791,33 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    if max(results["loadavg_start"][0], results["loadavg_end"][0]) > 0.5:
+    for where, window in report.windows(results, ""):
+        if window.get("disturbed", disturbed(window)):
+            results["notes"].append(
+                f"{where}: disturbed: other processes used {window['other_processes_cpu_pct']:.0f}%"
+                f" of a CPU; {window['server_core_not_server_pct']:.0f}% of the server's CPU and "
+                f"{window['load_core_not_ours_pct']:.0f}% of the load generator's went elsewhere"
+            )
+    for where in ("half_rate", "ping"):
+        run = results.get("latency", {}).get(where, {})
+        late, sent = run.get("late_sends", 0), sum(run.get("answered", {}).values())
+        if sent and late > 0.01 * sent:
+            results["notes"].append(
+                f"latency.{where}: the client sent {late:,} of {sent:,} requests more than 1 ms "
+                "late (its CPU was busy); their latency still counts from when they were due"
+            )
+    noise = max(report.values_of(results, "other_processes_cpu_pct"), default=None)
+    results["other_processes_cpu_pct_max"] = noise
+    if noise is not None and noise > 5:
         results["notes"].append(
-            "other processes were using the CPU (load average above 0.5): compare the ratios, "
-            "and the server_core_busy_pct vs server_process_cpu_pct of each run in the JSON"
+            f"other processes used up to {noise:.0f}% of a CPU during a measurement (see "
+            "other_processes_cpu_pct per run in the JSON): figures are noisier than usual; "
+            "the ratios to floor and peer hold better than absolute rates"
         )
     path = results_dir / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=2))
     shutil.copyfile(path, results_dir / "latest.json")
-    print(report(results))
+    print(report.report(results))
     print(f"\nfull results: {path.relative_to(ROOT)}")
     return 1 if failed else 0
 
