@@ -10,6 +10,7 @@ marked done is found again at start.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,10 @@ log = logging.getLogger("router.delivery")
 
 #: The longest a runner waits before looking at the journal again (seconds).
 IDLE_POLL = 2.0
+#: While fresh messages keep coming, the journal is still read this often for due retries.
+JOURNAL_LOOK = 0.5
+#: How many body bytes of just-accepted messages a runner keeps at hand.
+FRESH_BYTES = 16 * 1024 * 1024
 #: How long a sink being retired by a reload may take to finish its deliveries in flight.
 RETIRE_SECONDS = 10.0
 
@@ -54,6 +59,10 @@ class SinkRunner:
         self.metrics = metrics
         self.inflight: set[int] = set()
         self._finished: set[int] = set()
+        self._fresh: dict[int, Message] = {}
+        self._fresh_bytes = 0
+        self._next_journal_look = 0.0
+        self._journal_horizon = 0
         self.active = 0
         self.opened = False
         self.stopping = False
@@ -70,6 +79,32 @@ class SinkRunner:
     def notify(self) -> None:
         """A delivery may be due: look again."""
         self._wake.set()
+
+    def offer(self, seq: int, message: Message) -> None:
+        """A message just journaled for this sink: keep it at hand, so that delivering it
+        needs no journal read (the journal still decides: this is only a shortcut)."""
+        # A journal read may have seen this message (committed just before this call) and
+        # sent it already: everything up to the highest row such a read returned is left to
+        # the journal's word. Rows only grow, so that covers it.
+        fits = self._fresh_bytes + message.body_size <= FRESH_BYTES
+        if not self.cfg.ordered and fits and seq > self._journal_horizon:
+            self._fresh[seq] = message
+            self._fresh_bytes += message.body_size
+        self._wake.set()
+
+    def _take_fresh(self, limit: int) -> list[tuple[Due, Message]]:
+        taken = []
+        for seq in list(itertools.islice(self._fresh, limit)):
+            message = self._fresh.pop(seq)
+            self._fresh_bytes -= message.body_size
+            taken.append((Due(seq, 0), message))
+        return taken
+
+    def _forget_fresh_up_to(self, horizon: int) -> None:
+        """Leave every message up to row ``horizon`` to the journal's word."""
+        self._journal_horizon = max(self._journal_horizon, horizon)
+        for seq in [seq for seq in self._fresh if seq <= horizon]:
+            self._fresh_bytes -= self._fresh.pop(seq).body_size
 
     async def supervise(self) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
@@ -132,21 +167,33 @@ class SinkRunner:
             return None  # a finishing worker wakes us
         size = self.cfg.batch_size
         ordered = self.cfg.ordered
+        if self._fresh and time.monotonic() < self._next_journal_look:
+            # Messages just accepted go out from memory; the journal is still asked at least
+            # every JOURNAL_LOOK seconds, so retries that fall due are never starved.
+            self._start(tg, self._take_fresh(free * size))
+            return 0.0
+        self._next_journal_look = time.monotonic() + JOURNAL_LOOK
         # The read runs on a snapshot taken in a worker thread: a delivery that finishes (is
         # recorded and leaves ``inflight``) while it runs may still look pending in it, so
         # whatever finishes meanwhile is dropped from the answer too.
         self._finished = set()
         exclude = frozenset(self.inflight)
         due = await self.journal.due(self.name, time.time(), free * size, exclude, ordered)
-        due = [d for d in due if d.seq not in self._finished]
+        due = [d for d in due if d.seq not in self._finished and d.seq not in self.inflight]
         if due:
-            for i in range(0, len(due), size):
-                chunk = due[i : i + size]
-                self.inflight.update(d.seq for d in chunk)
-                self.active += 1
-                tg.start_soon(self._deliver, chunk)
+            known = {d.seq: self._fresh.get(d.seq) for d in due}
+            self._forget_fresh_up_to(max(known))
+            self._start(tg, [(d, known[d.seq]) for d in due])
             return 0.0
         return await self.journal.next_due_at(self.name, frozenset(self.inflight), ordered)
+
+    def _start(self, tg: anyio.abc.TaskGroup, due: Sequence[tuple[Due, Message | None]]) -> None:
+        size = self.cfg.batch_size
+        for i in range(0, len(due), size):
+            chunk = due[i : i + size]
+            self.inflight.update(d.seq for d, _ in chunk)
+            self.active += 1
+            tg.start_soon(self._deliver, chunk)
 
     async def _open(self) -> None:
         attempt = 0
@@ -169,10 +216,14 @@ class SinkRunner:
                 self.metrics.sink_up.labels(self.name).set(1)
                 return
 
-    async def _deliver(self, chunk: Sequence[Due]) -> None:
-        seqs = [d.seq for d in chunk]
+    async def _deliver(self, pairs: Sequence[tuple[Due, Message | None]]) -> None:
+        seqs = [d.seq for d, _ in pairs]
+        chunk = [d for d, _ in pairs]
         try:
-            stored = await self.journal.messages(seqs)
+            stored = {d.seq: m for d, m in pairs if m is not None}
+            unknown = [seq for seq in seqs if seq not in stored]
+            if unknown:
+                stored.update(await self.journal.messages(unknown))
             missing = [d for d in chunk if d.seq not in stored]
             if missing:
                 # Only a hand-repaired journal can lose a message under its deliveries: end
@@ -302,6 +353,13 @@ class Dispatcher:
             runner = self.runners.get(name)
             if runner is not None:
                 runner.notify()
+
+    def offer(self, seq: int, message: Message, sinks: Iterable[str]) -> None:
+        """A message was just journaled for ``sinks``: hand it to their runners."""
+        for name in sinks:
+            runner = self.runners.get(name)
+            if runner is not None:
+                runner.offer(seq, message)
 
     async def run(self) -> None:
         """Run every runner until ``stop``; returns once their deliveries in flight ended."""

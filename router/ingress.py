@@ -259,7 +259,7 @@ class Ingress:
             log.info(kv("duplicate", id=message.message_id, type=message.type))
             return await respond(send, 200, pong, JSON if pong else None)
 
-        rt.dispatcher.notify(sinks)
+        rt.dispatcher.offer(appended.seq, message, sinks)
         status = await respond(send, 200, pong, JSON if pong else None)
         rt.metrics.ack_seconds.observe(time.perf_counter() - start)
         rt.metrics.accepted.labels(message.type).inc()

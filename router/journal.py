@@ -181,9 +181,7 @@ class _Job:
         self.error: BaseException | None = None
 
     def settle(self) -> None:
-        # The loop may be gone if the daemon is shutting down: nobody waits for the answer.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle)
+        _settle_all([self])
 
     def _settle(self) -> None:
         if self.future.done():  # the waiting request was cancelled
@@ -192,6 +190,22 @@ class _Job:
             self.future.set_exception(self.error)
         else:
             self.future.set_result(self.result)
+
+
+def _settle_all(jobs: Sequence[_Job]) -> None:
+    """Hand results back to their event loops: one wake-up per loop, not one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+    for job in jobs:
+        by_loop.setdefault(job.loop, []).append(job)
+    for loop, mine in by_loop.items():
+        # The loop may be gone if the daemon is shutting down: nobody waits for the answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_each, mine)
+
+
+def _settle_each(jobs: list[_Job]) -> None:
+    for job in jobs:
+        job._settle()
 
 
 class Journal:
@@ -304,7 +318,40 @@ class Journal:
                 return
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        if not self._commit_all(conn, jobs):
+            self._commit_each(conn, jobs)
+        _settle_all(jobs)
+
+    def _commit_all(self, conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
+        """The usual case, cheaply: every job in one transaction, no savepoints. False (and
+        nothing written) if a job failed, so that ``_commit_each`` can isolate it."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        try:
+            for job in jobs:
+                job.result = job.fn(conn)
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False
+        self.healthy = True
+        self.last_error = None
+        return True
+
+    def _commit_each(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """Each job in its own savepoint: a failing job is rolled back alone; a failed commit
+        fails them all (nothing half-stored)."""
         storage_error: str | None = None  # a job that failed for want of disk
+        for job in jobs:
+            job.result = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
@@ -332,8 +379,6 @@ class Journal:
                 conn.execute("ROLLBACK")
             for job in jobs:
                 job.error = JournalUnavailable(f"journal commit failed: {e}")
-        for job in jobs:
-            job.settle()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._writer is None:

@@ -12,7 +12,7 @@ CHUNK = 256 * 1024
 
 
 class Message:
-    """One Metriport webhook message, read-only.
+    """One Metriport webhook message (treat it as read-only: it may be shared between sinks).
 
     The body is the exact bytes that were received (and verified): forward them verbatim so
     that a downstream system can verify Metriport's signature itself. A small body is held in
@@ -125,11 +125,6 @@ class Message:
     def describe(self) -> str:
         """The fields that may be logged: never the body."""
         return f"id={self.message_id} type={self.type}"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, "order_key"):  # the last attribute __init__ sets
-            raise AttributeError(f"Message is read-only ({name})")
-        object.__setattr__(self, name, value)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
