@@ -73,8 +73,10 @@ class FileSink(Sink[FileOptions]):
         super().__init__(options, context)
         template = str(options.path)
         self.template = template
-        fixed = _PLACEHOLDER.split(template, maxsplit=1)[0]
-        self.root = Path(os.path.dirname(fixed) or ".").resolve()
+        fixed_dir = os.path.dirname(_PLACEHOLDER.split(template, maxsplit=1)[0]) or "."
+        self.root = Path(fixed_dir).resolve()
+        # The template with its fixed leading folder resolved once (symlinks and all).
+        self._resolved = str(self.root) + template[len(fixed_dir) :]
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -86,7 +88,10 @@ class FileSink(Sink[FileOptions]):
             "date": message.received_datetime.strftime("%Y-%m-%d"),
             "messageId": safe_component(message.message_id),
         }
-        path = Path(_PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)).resolve()
+        filled = _PLACEHOLDER.sub(lambda m: values[m.group(1)], self._resolved)
+        # Placeholder values contain no "/" and are never "." or "..", so a lexical check
+        # (no file system calls) is enough; the root itself was resolved once, at start.
+        path = Path(os.path.normpath(filled))
         if not path.is_relative_to(self.root):
             raise PermanentError(f"path template leaves {self.root}")
         return path

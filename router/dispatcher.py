@@ -291,16 +291,20 @@ class SinkRunner:
                 )
         await self.journal.record(outcomes)
         self.last_error = None if not errors else describe_error(next(iter(errors.values())))
-        self.metrics.sink_up.labels(self.name).set(0 if len(errors) == len(batch) else 1)
+        self.metrics.child(self.metrics.sink_up, self.name).set(
+            0 if len(errors) == len(batch) else 1
+        )
         await self._report(events, duration)
 
     async def _report(self, events: Iterable[tuple[str, dict[str, Any]]], duration: float) -> None:
         for outcome, ev in events:
             m: Message = ev["message"]
-            self.metrics.deliveries.labels(self.name, outcome).inc()
+            self.metrics.child(self.metrics.deliveries, self.name, outcome).inc()
             fields = dict(id=m.message_id, type=m.type, sink=self.name, attempt=m.attempt)
             if outcome == "delivered":
-                self.metrics.delivery_seconds.labels(self.name).observe(time.time() - m.received_at)
+                self.metrics.child(self.metrics.delivery_seconds, self.name).observe(
+                    time.time() - m.received_at
+                )
                 log.info(kv("delivered", **fields, ms=round(duration * 1000, 1)))
                 await plugins.notify(
                     self.pm,

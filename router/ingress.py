@@ -102,7 +102,7 @@ class Ingress:
         path = scope["path"]
         if self.webhook and path == rt.config.server.path:
             status = await self._webhook(rt, scope, receive, send)
-            rt.metrics.requests.labels(str(status)).inc()
+            rt.metrics.child(rt.metrics.requests, str(status)).inc()
         elif self.admin and path in ("/healthz", "/readyz", "/metrics"):
             if scope["method"] not in ("GET", "HEAD"):
                 await respond(send, 405, headers=[(b"allow", b"GET, HEAD")])
@@ -262,7 +262,7 @@ class Ingress:
         rt.dispatcher.offer(appended.seq, message, sinks)
         status = await respond(send, 200, pong, JSON if pong else None)
         rt.metrics.ack_seconds.observe(time.perf_counter() - start)
-        rt.metrics.accepted.labels(message.type).inc()
+        rt.metrics.child(rt.metrics.accepted, message.type).inc()
         if not sinks:
             rt.metrics.unrouted.inc()
         log.info(

@@ -53,9 +53,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class PlainFormatter(logging.Formatter):
+    """``_PLAIN`` with the timestamp text reused within a second (strftime per record is a
+    good part of the cost of a log line)."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
+    # Log records never need the caller's file and line, thread or process names: skipping
+    # them saves a stack walk per line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_PLAIN))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter(_PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

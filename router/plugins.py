@@ -171,8 +171,10 @@ def sink_types(pm: pluggy.PluginManager) -> tuple[dict[str, type[Sink[Any]]], li
 
 async def notify(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
     """Call an observer hook on every plugin, each guarded: a failure is logged, never raised."""
-    caller = getattr(pm.hook, hook)
-    for impl in caller.get_hookimpls():
+    impls = getattr(pm.hook, hook).get_hookimpls()
+    if not impls:
+        return
+    for impl in impls:
         try:
             result = impl.function(*(kwargs[a] for a in impl.argnames))
             if inspect.isawaitable(result):
