@@ -37,8 +37,7 @@ log = logging.getLogger("router")
 #: How long deliveries in flight may take to finish at shutdown before they are cancelled
 #: (a cancelled delivery stays pending and is sent again after the restart).
 DELIVERY_DRAIN_SECONDS = 5.0
-#: The retention sweep's period, and its first run after start.
-SWEEP_EVERY = 3600.0
+#: The retention sweep's first run after start (its period is ``journal.sweep_every``).
 FIRST_SWEEP_AFTER = 60.0
 #: What a reload cannot change (the listening sockets and the journal stay as they are).
 RESTART_ONLY = (
@@ -194,10 +193,10 @@ class Daemon:
                     stop.set()
 
     async def _sweep_periodically(self) -> None:
-        await anyio.sleep(FIRST_SWEEP_AFTER)
+        await anyio.sleep(min(FIRST_SWEEP_AFTER, self.config.journal.sweep_every))
         while True:
             await self.sweep()
-            await anyio.sleep(SWEEP_EVERY)
+            await anyio.sleep(self.config.journal.sweep_every)
 
     async def sweep(self) -> None:
         """Apply journal retention, and dead-letter deliveries left to sinks that are gone."""

@@ -147,6 +147,9 @@ class JournalConfig(_Strict):
     #: How long a message stays after every sink it was routed to has it. Dead letters and
     #: unrouted messages stay until an operator deals with them.
     retention: Duration = 7 * 86400.0
+    #: How often the retention sweep runs (the first run comes a minute after start, or
+    #: sooner when this is shorter).
+    sweep_every: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 3600.0
 
 
 class LogConfig(_Strict):
