@@ -42,6 +42,7 @@ from router import (
     SinkOptions,
     hookimpl,
 )
+from router.durable import fsync_dir, write_all
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
@@ -170,9 +171,9 @@ class FileSink(Sink[FileOptions]):
                     pending.append(chunk)
                     buffered += len(chunk)
                     if buffered >= _WRITE_SIZE:
-                        _write_all(fd, b"".join(pending))
+                        write_all(fd, b"".join(pending))
                         pending, buffered = [], 0
-                _write_all(fd, b"".join(pending))
+                write_all(fd, b"".join(pending))
                 if self.options.fsync:
                     os.fsync(fd)
             except OSError:
@@ -181,23 +182,9 @@ class FileSink(Sink[FileOptions]):
         finally:
             os.close(fd)
         if self.options.fsync and (created or new_dirs):
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             for directory in new_dirs:
-                _fsync_dir(directory.parent)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                fsync_dir(directory.parent)
 
 
 @hookimpl

@@ -78,7 +78,7 @@ def parse(body: bytes) -> Parsed:
     if not isinstance(meta, dict):
         raise BadMessage("meta must be a JSON object")
     if isinstance(meta, _Repeated):
-        raise BadMessage(f"duplicate key {_name(meta.repeated)}in meta")
+        raise duplicate_key(meta.repeated, "meta")
     type_ = _field(meta, "type", required=True)
     message_id = _field(meta, "messageId", required=True)
     assert type_ is not None and message_id is not None
@@ -113,8 +113,11 @@ def _flag_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return flagged
 
 
-def _name(key: str) -> str:
-    return f"'{key}' " if key in _KNOWN_KEYS else ""
+def duplicate_key(key: str, where: str) -> BadMessage:
+    """The error for a key repeated at the top level or in ``meta`` (named only when it is one
+    of Metriport's own keys: the answer never echoes the sender's text)."""
+    name = f"'{key}' " if key in _KNOWN_KEYS else ""
+    return BadMessage(f"duplicate key {name}in {where}")
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
@@ -159,7 +162,7 @@ def loads(text: str) -> Any:
             except StopIteration as e:
                 raise json.JSONDecodeError("Expecting value", text, e.value) from None
             if key in doc:
-                raise BadMessage(f"duplicate key {_name(key)}in the body")
+                raise duplicate_key(key, "the body")
             doc[key] = value
             i = _skip(text, i)
             if text[i : i + 1] == "}":
@@ -195,10 +198,20 @@ def order_key(doc: dict[str, Any]) -> str:
             ids.update(
                 m[field] for m in members if isinstance(m, dict) and isinstance(m.get(field), str)
             )
+    return key_of(ids)
+
+
+def key_of(ids: set[str]) -> str:
+    """The order key for these patient ids (see ``order_key``)."""
     key = ",".join(sorted(ids))
     if len(key) > MAX_ID_LENGTH:
         key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
     return key
+
+
+def meta_field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:
+    """``meta[name]`` checked: a string, short, printable, non-empty when required."""
+    return _field(meta, name, required=required)
 
 
 def _field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:

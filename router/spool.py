@@ -11,7 +11,6 @@ the journal keeps the file's name instead of the bytes. Sinks read such a body i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,12 +20,12 @@ from typing import IO, Any
 import anyio.to_thread
 import ijson
 
-from router.parse import MAX_ID_LENGTH, BadMessage, Parsed
+from router.durable import fsync_dir
+from router.parse import BadMessage, Parsed, duplicate_key, key_of, meta_field
 
 #: Bodies up to this size stay in memory; larger ones go to a file as they arrive.
 SPOOL_THRESHOLD = 1024 * 1024
 BODIES = "bodies"
-CHUNK = 256 * 1024
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -95,23 +94,8 @@ class Spool:
             self.path = None
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def chunks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
 # -- streaming parse ----------------------------------------------------------------------------
 
-_WANTED = {"meta.type", "meta.messageId", "meta.when", "meta.requestId", "ping"}
 _PATIENTS = {"payload.patientId": 0, "patients.item.patientId": 1, "users.item.userId": 2}
 
 
@@ -126,7 +110,9 @@ def parse_file(path: Path) -> Parsed:
 
 
 def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
-    found: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    ping: Any = None
+    keys: dict[str, set[str]] = {"": set(), "meta": set()}  # top-level keys, meta's keys
     ids: list[set[str]] = [set(), set(), set()]
     depth = 0
     try:
@@ -136,17 +122,25 @@ def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
                     raise BadMessage("body must be a JSON object")
                 if prefix == "meta" and event != "start_map":
                     raise BadMessage("meta must be a JSON object")
+                if prefix.startswith("meta.") and prefix.count(".") == 1:
+                    meta[prefix[5:]] = {}  # not a string: meta_field says so
                 depth += 1
             elif event in ("end_map", "end_array"):
                 depth -= 1
             elif depth == 0:
                 raise BadMessage("body must be a JSON object")
-            elif prefix in _WANTED:
-                if prefix in found and prefix != "ping":
-                    raise BadMessage(f"{prefix} appears twice")
-                found[prefix] = value
-            elif prefix == "meta" and event != "map_key":
+            elif event == "map_key" and prefix in keys and depth <= 2:
+                if value in keys[prefix]:
+                    raise duplicate_key(value, "meta" if prefix else "the body")
+                keys[prefix].add(value)
+            elif prefix == "meta":
                 raise BadMessage("meta must be a JSON object")
+            elif event == "map_key":
+                pass
+            elif depth == 2 and prefix.startswith("meta."):
+                meta[prefix[5:]] = value
+            elif depth == 1 and prefix == "ping":
+                ping = value
             elif prefix in _PATIENTS and isinstance(value, str):
                 ids[_PATIENTS[prefix]].add(value)
     except BadMessage:
@@ -154,36 +148,16 @@ def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
     except (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError):
         # ijson's own text quotes the document: never pass it on.
         raise BadMessage("body is not valid JSON") from None
+    if "meta" not in keys[""]:
+        raise BadMessage("meta must be a JSON object")
+    type_ = meta_field(meta, "type", required=True)
+    message_id = meta_field(meta, "messageId", required=True)
+    assert type_ is not None and message_id is not None
     return Parsed(
-        message_id=_field(found, "messageId", required=True),
-        type=_field(found, "type", required=True),
-        when=_field(found, "when", required=False),
-        request_id=_field(found, "requestId", required=False),
-        ping=found.get("ping") if found.get("meta.type") == "ping" else None,
-        order_key=_key(next((s for s in ids if s), set())),
+        message_id=message_id,
+        type=type_,
+        when=meta_field(meta, "when", required=False),
+        request_id=meta_field(meta, "requestId", required=False),
+        ping=ping if type_ == "ping" else None,
+        order_key=key_of(next((s for s in ids if s), set())),
     )
-
-
-def _field(found: dict[str, Any], name: str, *, required: bool) -> Any:
-    key = f"meta.{name}"
-    if key not in found or found[key] is None:
-        if required:
-            raise BadMessage(f"meta.{name} is missing")
-        return None
-    value = found[key]
-    if not isinstance(value, str):
-        raise BadMessage(f"meta.{name} must be a string")
-    if required and not value:
-        raise BadMessage(f"meta.{name} is empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise BadMessage(f"meta.{name} is longer than {MAX_ID_LENGTH} characters")
-    if not value.isprintable():
-        raise BadMessage(f"meta.{name} contains control characters")
-    return value
-
-
-def _key(ids: set[str]) -> str:
-    key = ",".join(sorted(ids))
-    if len(key) > MAX_ID_LENGTH:
-        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-    return key

@@ -54,6 +54,11 @@ def test_fixtures_parse_the_same_streamed(tmp_path: Path, name: str, body: bytes
         b'{"meta": {"type": "t", "messageId": "m", "when": null}}',
         b'{"meta": {"type": "", "messageId": "m"}}',
         b"\xff\xfe{}",
+        b'{"meta": {"type": "a", "type": "b", "messageId": "m"}}',
+        b'{"meta": {"type": "a", "messageId": "m"}, "meta": {"when": "x"}}',
+        b'{"meta": {"type": "a", "messageId": "m"}, "payload": 1, "payload": 2}',
+        b'{"meta": {"type": {"x": 1}, "messageId": "m"}}',
+        b'{"meta": {"type": "a", "messageId": "m", "data": {"type": 1, "type": 2}}}',
     ],
     ids=lambda b: b[:40].decode(errors="replace"),
 )
