@@ -631,7 +631,11 @@ class Journal:
         committing its message (which was then never answered 200)."""
         if not self.bodies.is_dir():
             return
-        kept = {row[0] for row in conn.execute("SELECT body_file FROM messages WHERE body_file")}
+        # IS NOT NULL: a bare ``WHERE body_file`` reads the text as a number (0: false).
+        kept = {
+            row[0]
+            for row in conn.execute("SELECT body_file FROM messages WHERE body_file IS NOT NULL")
+        }
         for path in self.bodies.iterdir():
             if f"bodies/{path.name}" not in kept:
                 with contextlib.suppress(FileNotFoundError):

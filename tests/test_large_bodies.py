@@ -12,6 +12,7 @@ import pytest
 
 from router.config import Config
 from router.journal import Journal
+from router.message import Message
 from router.spool import SPOOL_THRESHOLD
 from router.testing import Recorder, body_for, running_router, sign
 from tests.conftest import fixture_vectors, post, query_journal
@@ -139,6 +140,31 @@ async def test_a_body_file_no_message_refers_to_is_removed_at_start(tmp_path: Pa
     await journal.open()
     try:
         assert list(stray.iterdir()) == []
+    finally:
+        await journal.close()
+
+
+async def test_the_body_file_of_a_stored_message_survives_a_restart(tmp_path: Path) -> None:
+    folder = tmp_path / "journal"
+    journal = Journal(folder)
+    await journal.open()
+    try:
+        journal.bodies.mkdir()
+        body = big_body("big-kept")
+        kept = journal.bodies / "0123.json"
+        kept.write_bytes(body)
+        message = Message(
+            "big-kept", "medical.consolidated-data", None, body_file=kept, body_size=len(body)
+        )
+        await journal.append(message, ["archive"])  # pending: not delivered yet
+    finally:
+        await journal.close()
+    journal = Journal(folder)
+    await journal.open()  # clears unreferenced body files, and only those
+    try:
+        assert kept.read_bytes() == body
+        (stored,) = (await journal.messages([1])).values()
+        assert stored.body == body
     finally:
         await journal.close()
 
