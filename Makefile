@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-config clean bench bench-quick bench-profile bench-soak bench-tools
+.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ run: $(VENV)/.installed
 ## test: install into .venv with test extras, lint and type-check, run the whole test suite
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest
+
+## soak: the fault tests with big numbers, then the long fuzz run; not part of `make test`
+## (docs/reliability.md). Each test prints its figures: acks, kills, losses, duplicates, lag.
+## Other sizes: make soak SOAK_SIZES="CRASH_KILLS=50 FAULTS_KILLS=48 ..."
+SOAK_SIZES ?= CRASH_KILLS=25 CRASH_ACKS_PER_ROUND=1000 \
+	FAULTS_KILLS=24 FAULTS_ACKS_PER_ROUND=1000 FAULTS_OUTAGE_MESSAGES=1000
+soak: $(VENV)/.installed-test
+	$(SOAK_SIZES) $(BIN)/python -m pytest tests/test_crash.py tests/test_faults.py \
+		-q -s --timeout=0
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q -s --timeout=0
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check router plugins tests

@@ -13,6 +13,11 @@ is not JSON). ``raw`` lines are the body bytes themselves. A body's line breaks 
 whitespace between JSON tokens) are written as spaces so that each message stays on one line;
 Metriport sends compact JSON, whose bytes are kept exactly.
 
+A batch is appended whole or not at all: a failed write is cut back off the file, and a last
+line left incomplete by a crash in the middle of an append (never reported delivered, so sent
+again) is cut off before the next append, with a warning. Appenders to one file take turns
+(``flock``).
+
 Placeholder values come from the sender, so they are made safe for a file name: characters
 other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, and a value cannot be ``.`` or
 ``..``; the resulting path must stay inside the template's fixed leading directory.
@@ -20,7 +25,9 @@ other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, and a value can
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -43,6 +50,8 @@ from router import (
     hookimpl,
 )
 from router.durable import fsync_dir, write_all
+
+log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
@@ -161,9 +170,13 @@ class FileSink(Sink[FileOptions]):
         for directory in reversed(new_dirs):
             directory.mkdir(mode=0o700, exist_ok=True)
         created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.options.mode)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(path, flags, self.options.mode)
         try:
-            size = os.fstat(fd).st_size
+            # Appenders to one file (sinks sharing a path, processes) take turns, so that one
+            # never sees another's line half written.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = _cut_incomplete_line(fd, os.fstat(fd).st_size, path)
             try:
                 pending: list[bytes] = []
                 buffered = 0
@@ -185,6 +198,26 @@ class FileSink(Sink[FileOptions]):
             fsync_dir(path.parent)
             for directory in new_dirs:
                 fsync_dir(directory.parent)
+
+
+def _cut_incomplete_line(fd: int, size: int, path: Path) -> int:
+    """Cut off a last line without its newline: what is left of an append that a crash (kill,
+    power loss) interrupted. Its messages were never reported delivered, so they are written
+    again, whole; appended after the fragment, the first of them would be glued to it. Returns
+    the new size."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - _WRITE_SIZE)
+        found = os.pread(fd, end - start, start).rfind(b"\n")
+        if found >= 0:
+            end = start + found + 1
+            break
+        end = start
+    os.ftruncate(fd, end)
+    log.warning("file sink: cut off an incomplete last line of %s (%d bytes)", path, size - end)
+    return end
 
 
 @hookimpl

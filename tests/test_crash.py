@@ -66,7 +66,9 @@ def delivered(out: Path) -> dict[str, list[bytes]]:
     """message id → bodies found in every sink file (envelope lines)."""
     found: dict[str, list[bytes]] = {}
     for path in out.rglob("*.jsonl"):
-        for line in path.read_bytes().splitlines():
+        # Only whole lines: the router may be writing the last one while this reads.
+        whole = path.read_bytes().rpartition(b"\n")[0]
+        for line in whole.splitlines():
             head, sep, rest = line.partition(b',"body":')
             assert sep, f"malformed line in {path}"
             envelope = json.loads(head + b"}")

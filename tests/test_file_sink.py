@@ -95,6 +95,25 @@ async def test_lines_are_appended_not_overwritten(tmp_path: Path) -> None:
     assert lines(tmp_path / "out.jsonl") == [first.body + b"\n", second.body + b"\n"]
 
 
+@pytest.mark.parametrize("before", [b"", b"whole line\n"], ids=["fragment-only", "after-a-line"])
+async def test_a_line_cut_short_by_a_crash_is_cut_off_before_the_next_append(
+    tmp_path: Path, before: bytes
+) -> None:
+    # What a SIGKILL in the middle of an append leaves: the start of a line, no newline. Its
+    # message was not reported delivered and comes again whole.
+    message = message_for()
+    sink = sink_for(tmp_path, "out.jsonl")
+    fragment = sink.line_for(message)[:-10]
+    (tmp_path / "out.jsonl").write_bytes(before + fragment)
+    assert not await sink.send([message])
+    assert lines(tmp_path / "out.jsonl") == [*lines_of(before), sink.line_for(message)]
+    json.loads(lines(tmp_path / "out.jsonl")[-1])
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    return data.splitlines(keepends=True)
+
+
 @pytest.mark.parametrize("format_", ["envelope", "raw"])
 async def test_a_body_with_line_breaks_stays_on_one_line_and_parses(
     tmp_path: Path, format_: str
