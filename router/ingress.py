@@ -354,6 +354,7 @@ async def _read_body(
             await spool.write(chunk)
             hold(min(spool.size, spool.threshold))
         if not event.get("more_body", False):
+            await spool.finish()
             return
 
 

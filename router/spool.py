@@ -25,6 +25,8 @@ from router.parse import BadMessage, Parsed, duplicate_key, key_of, meta_field
 
 #: Bodies up to this size stay in memory; larger ones go to a file as they arrive.
 SPOOL_THRESHOLD = 1024 * 1024
+#: A spooled body is written in pieces of about this size.
+WRITE_SIZE = 1024 * 1024
 BODIES = "bodies"
 _BOM = b"\xef\xbb\xbf"
 
@@ -37,6 +39,7 @@ class Spool:
         self.threshold = threshold
         self.size = 0
         self._chunks: list[bytes] = []
+        self._pending = 0  # bytes in _chunks not yet written to the file
         self._file: IO[bytes] | None = None
         self.path: Path | None = None
 
@@ -46,21 +49,36 @@ class Spool:
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        self._chunks.append(chunk)
+        self._pending += len(chunk)
         if self._file is None:
-            self._chunks.append(chunk)
             if self.size > self.threshold:
                 await anyio.to_thread.run_sync(self._spill)
-        else:
-            await anyio.to_thread.run_sync(self._file.write, chunk)
+        elif self._pending >= WRITE_SIZE:  # one trip to a worker thread per WRITE_SIZE bytes
+            await anyio.to_thread.run_sync(self._flush)
+
+    def _flush(self) -> None:
+        assert self._file is not None
+        self._file.write(b"".join(self._chunks))
+        self._chunks = []
+        self._pending = 0
 
     def _spill(self) -> None:
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.path = self.directory / f"incoming-{uuid.uuid4().hex}.tmp"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "wb")
-        for chunk in self._chunks:
-            self._file.write(chunk)
-        self._chunks = []
+        self._flush()
+
+    async def finish(self) -> None:
+        """The whole body has arrived: a spooled body is then entirely in its file."""
+        if self._file is not None:
+            await anyio.to_thread.run_sync(self._finish)
+
+    def _finish(self) -> None:
+        assert self._file is not None
+        self._flush()
+        self._file.flush()
 
     def body(self) -> bytes:
         """The whole body, when it stayed in memory."""
@@ -75,6 +93,7 @@ class Spool:
 
     def _seal(self) -> str:
         assert self._file is not None and self.path is not None
+        self._flush()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -110,7 +110,9 @@ async def test_a_large_body_goes_to_a_file_sealed_under_its_final_name(tmp_path:
     parts = [bytes([65 + i]) * 70 for i in range(5)]
     for part in parts:
         await spool.write(part)
+    await spool.finish()
     assert spool.spooled and spool.size == 350
+    assert spool.path is not None and spool.path.read_bytes() == b"".join(parts)
     name = await spool.seal()
     assert name.startswith("bodies/") and name.endswith(".json")
     stored = tmp_path / name
