@@ -155,7 +155,10 @@ class FileSink(Sink[FileOptions]):
                 try:
                     self._append(path, (c for m in messages for c in self.line_chunks(m)))
                 except OSError as e:
-                    failed[path] = RetryableError(f"cannot write {path}: {e.strerror}")
+                    # The error may be about reading a large body's stored file, not writing.
+                    target = e.filename if e.filename is not None else path
+                    verb = "write" if str(target) == str(path) else "read"
+                    failed[path] = RetryableError(f"cannot {verb} {target}: {e.strerror}")
         return failed
 
     def _append(self, path: Path, data: Iterable[bytes]) -> None:

@@ -333,3 +333,14 @@ async def test_through_the_server_raw_format_and_placeholders(
         path = out / safe_component(meta["type"]) / f"{safe_component(meta['messageId'])}.json"
         assert path.read_bytes() == body + b"\n"
     assert all(p.resolve().is_relative_to(out) for p in tmp_path.rglob("*.json"))
+
+
+async def test_a_missing_stored_body_is_reported_as_such(tmp_path: Path) -> None:
+    sink = sink_for(tmp_path, "out/{type}.jsonl")
+    gone = tmp_path / "bodies" / "gone.json"
+    message = Message("m-gone", "t", None, body_file=gone, body_size=10)
+    errors = await sink.send([message])
+    assert errors is not None
+    error = errors["m-gone"]
+    assert isinstance(error, RetryableError)
+    assert str(error) == f"cannot read {gone}: No such file or directory"
