@@ -1,27 +1,23 @@
 """The journal: the durable store that is the router's source of truth.
 
 SQLite in WAL mode with ``synchronous=FULL``: a commit returns only after the write-ahead log is
-fsync'd. All writes go through one writer thread that drains whatever is queued and commits it
-as one transaction (group commit), so concurrent requests share one fsync. Each job runs inside
-its own savepoint: a job that fails is rolled back alone, while a failed commit fails every job
-in the batch (nothing half-stored). Reads run in worker threads on their own connections, which
-WAL lets proceed beside the writer.
+fsync'd. All writes go through one writer thread (``router.groupcommit``) that commits whatever
+is queued as one transaction, so concurrent requests share one fsync, and a failed commit fails
+every write of the batch (nothing half-stored). Reads run in worker threads on their own
+connections, which WAL lets proceed beside the writer.
 
 Tables: ``messages`` holds each message once (raw body bytes verbatim, the meta fields, receive
 time, a duplicate counter); ``deliveries`` holds one row per (message, sink), created in the same
 transaction as the message from the routes in force at that moment, with its state, attempt count
 and persisted next-attempt time. A pending delivery is resumed after any restart.
 
-Bodies live in the ``body`` column; ``body_file`` is reserved for bodies stored beside the
-database (large bodies streamed to disk).
+A small body lives in the ``body`` column; a large one in a file under ``bodies/`` named by
+``body_file`` (see ``router.spool``), removed with its message.
 """
-
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -33,6 +29,7 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from router.errors import JournalUnavailable
+from router.groupcommit import GroupCommit
 from router.message import Message
 
 log = logging.getLogger(__name__)
@@ -158,10 +155,6 @@ def _damaged(e: BaseException) -> str:
     return f": the file is damaged, {RECOVERY}" if code in (11, 26) else ""  # CORRUPT, NOTADB
 
 
-#: SQLite result codes that mean the disk failed a write, not the job: READONLY, IOERR, FULL.
-_STORAGE_ERRORS = frozenset({8, 10, 13})
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -170,66 +163,31 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class _Job:
-    __slots__ = ("error", "fn", "future", "loop", "result")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        self.fn = fn
-        self.loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[Any] = self.loop.create_future()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def settle(self) -> None:
-        _settle_all([self])
-
-    def _settle(self) -> None:
-        if self.future.done():  # the waiting request was cancelled
-            return
-        if self.error is not None:
-            self.future.set_exception(self.error)
-        else:
-            self.future.set_result(self.result)
-
-
-def _settle_all(jobs: Sequence[_Job]) -> None:
-    """Hand results back to their event loops: one wake-up per loop, not one per job."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-    for job in jobs:
-        by_loop.setdefault(job.loop, []).append(job)
-    for loop, mine in by_loop.items():
-        # The loop may be gone if the daemon is shutting down: nobody waits for the answer.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_each, mine)
-
-
-def _settle_each(jobs: list[_Job]) -> None:
-    for job in jobs:
-        job._settle()
-
-
 class Journal:
     """The durable message and delivery store. Open with ``await journal.open()``."""
-
-    max_batch = 1024
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / "journal.sqlite3"
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._writer: GroupCommit | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self.healthy = False
-        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last commit succeeded (False before open and after close)."""
+        return self._writer is not None and self._writer.healthy
+
+    @property
+    def last_error(self) -> str | None:
+        return None if self._writer is None else self._writer.last_error
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self._open_sync)
-        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
-        self._writer.start()
+        self._writer = GroupCommit(self._conn, "journal-writer")
 
     def _open_sync(self) -> None:
         try:
@@ -263,12 +221,10 @@ class Journal:
         except OSError as e:
             log.warning("could not clear unreferenced body files: %s", e.strerror)
         self._conn = conn
-        self.healthy = True
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._jobs.put(None)
-            await anyio.to_thread.run_sync(self._writer.join)
+            await self._writer.stop()
             self._writer = None
         with self._readers_lock:
             for reader in self._readers:
@@ -285,107 +241,12 @@ class Journal:
 
     def alive(self) -> bool:
         """Whether the writer thread runs (for the systemd watchdog)."""
-        return self._writer is not None and self._writer.is_alive()
-
-    # -- the writer thread -----------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        conn = self._conn
-        while True:
-            first = self._jobs.get()
-            if first is None:
-                return
-            jobs = [first]
-            stop = False
-            while len(jobs) < self.max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                jobs.append(job)
-            try:
-                self._commit(conn, jobs)
-            except BaseException as e:  # never let the writer die: later writes would hang
-                log.critical("journal writer failed: %s", type(e).__name__)
-                for job in jobs:
-                    if job.error is None:
-                        job.error = JournalUnavailable(f"journal writer failed: {type(e).__name__}")
-                    job.settle()
-            if stop:
-                return
-
-    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        if not self._commit_all(conn, jobs):
-            self._commit_each(conn, jobs)
-        _settle_all(jobs)
-
-    def _commit_all(self, conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
-        """The usual case, cheaply: every job in one transaction, no savepoints. False (and
-        nothing written) if a job failed, so that ``_commit_each`` can isolate it."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:
-            return False
-        try:
-            for job in jobs:
-                job.result = job.fn(conn)
-        except Exception:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            return False
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            return False
-        self.healthy = True
-        self.last_error = None
-        return True
-
-    def _commit_each(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        """Each job in its own savepoint: a failing job is rolled back alone; a failed commit
-        fails them all (nothing half-stored)."""
-        storage_error: str | None = None  # a job that failed for want of disk
-        for job in jobs:
-            job.result = None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                conn.execute("SAVEPOINT job")
-                try:
-                    job.result = job.fn(conn)
-                except Exception as e:
-                    conn.execute("ROLLBACK TO job")
-                    if getattr(e, "sqlite_errorcode", 0) & 0xFF in _STORAGE_ERRORS:
-                        storage_error = str(e)
-                    job.error = (
-                        e
-                        if isinstance(e, JournalUnavailable)
-                        else JournalUnavailable(f"journal write failed: {e}")
-                    )
-                conn.execute("RELEASE job")
-            conn.execute("COMMIT")
-            self.healthy = storage_error is None
-            self.last_error = storage_error
-        except sqlite3.Error as e:
-            self.healthy = False
-            self.last_error = str(e)
-            log.error("journal commit failed, %d writes refused: %s", len(jobs), e)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            for job in jobs:
-                job.error = JournalUnavailable(f"journal commit failed: {e}")
+        return self._writer is not None and self._writer.alive()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._writer is None:
             raise JournalUnavailable("journal is not open")
-        job = _Job(fn)
-        self._jobs.put(job)
-        return await job.future
+        return await self._writer.submit(fn)
 
     # -- reads -----------------------------------------------------------------------------
 

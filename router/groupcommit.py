@@ -1,0 +1,186 @@
+"""Group commit: one writer thread, many waiters, one transaction (and one fsync) per batch.
+
+Jobs are functions of a SQLite connection. ``submit`` queues one and waits for its result; the
+writer thread takes whatever is queued (up to ``max_batch``), runs it all in one transaction
+and commits, then hands every result back to its event loop in one wake-up. If a job fails, the
+batch is run again with each job in its own savepoint, so that only the failing job fails;
+if the commit itself fails, every job of the batch fails (nothing half-stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio.to_thread
+
+from router.errors import JournalUnavailable
+
+log = logging.getLogger("router.journal")
+
+#: SQLite result codes that mean the disk failed a write, not the job: READONLY, IOERR, FULL.
+STORAGE_ERRORS = frozenset({8, 10, 13})
+
+
+class _Job:
+    __slots__ = ("error", "fn", "future", "loop", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def settle(self) -> None:
+        _settle_all([self])
+
+    def _settle(self) -> None:
+        if self.future.done():  # the waiting request was cancelled
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.result)
+
+
+def _settle_all(jobs: Sequence[_Job]) -> None:
+    """Hand results back to their event loops: one wake-up per loop, not one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+    for job in jobs:
+        by_loop.setdefault(job.loop, []).append(job)
+    for loop, mine in by_loop.items():
+        # The loop may be gone if the daemon is shutting down: nobody waits for the answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_each, mine)
+
+
+def _settle_each(jobs: list[_Job]) -> None:
+    for job in jobs:
+        job._settle()
+
+
+class GroupCommit:
+    """The writer thread of one SQLite connection (see the module docstring)."""
+
+    max_batch = 1024
+
+    def __init__(self, conn: sqlite3.Connection, name: str) -> None:
+        self._conn = conn
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        #: False after a commit failed or a job failed for want of disk, until one succeeds.
+        self.healthy = True
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._thread.start()
+
+    async def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` in the next batch; return its result once committed (durable)."""
+        job = _Job(fn)
+        self._jobs.put(job)
+        return await job.future
+
+    async def stop(self) -> None:
+        """Commit what is queued, then end the thread."""
+        self._jobs.put(None)
+        await anyio.to_thread.run_sync(self._thread.join)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _write_loop(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            jobs = [first]
+            stop = False
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+            try:
+                self._commit(conn, jobs)
+            except BaseException as e:  # never let the writer die: later writes would hang
+                log.critical("journal writer failed: %s", type(e).__name__)
+                for job in jobs:
+                    if job.error is None:
+                        job.error = JournalUnavailable(f"journal writer failed: {type(e).__name__}")
+                    job.settle()
+            if stop:
+                return
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        if not self._commit_all(conn, jobs):
+            self._commit_each(conn, jobs)
+        _settle_all(jobs)
+
+    def _commit_all(self, conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
+        """The usual case, cheaply: every job in one transaction, no savepoints. False (and
+        nothing written) if a job failed, so that ``_commit_each`` can isolate it."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        try:
+            for job in jobs:
+                job.result = job.fn(conn)
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False
+        self.healthy = True
+        self.last_error = None
+        return True
+
+    def _commit_each(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """Each job in its own savepoint: a failing job is rolled back alone; a failed commit
+        fails them all (nothing half-stored)."""
+        storage_error: str | None = None  # a job that failed for want of disk
+        for job in jobs:
+            job.result = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO job")
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF in STORAGE_ERRORS:
+                        storage_error = str(e)
+                    job.error = (
+                        e
+                        if isinstance(e, JournalUnavailable)
+                        else JournalUnavailable(f"journal write failed: {e}")
+                    )
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+            self.healthy = storage_error is None
+            self.last_error = storage_error
+        except sqlite3.Error as e:
+            self.healthy = False
+            self.last_error = str(e)
+            log.error("journal commit failed, %d writes refused: %s", len(jobs), e)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for job in jobs:
+                job.error = JournalUnavailable(f"journal commit failed: {e}")
