@@ -14,6 +14,7 @@ and persisted next-attempt time. A pending delivery is resumed after any restart
 A small body lives in the ``body`` column; a large one in a file under ``bodies/`` named by
 ``body_file`` (see ``router.spool``), removed with its message.
 """
+
 from __future__ import annotations
 
 import contextlib
