@@ -248,7 +248,7 @@ class Ingress:
             if body_file is not None and not appended.duplicate:
                 spool.path = None  # the journal has it now
         except OSError as e:
-            log.error(kv("refused", type=parsed.type, error=f"cannot store body: {e.strerror}"))
+            log.error(kv("refused", type=parsed.type, error=f"cannot store: {e.strerror}"))
             return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
         except JournalUnavailable as e:
             log.error(kv("refused", id=message.message_id, type=message.type, error=str(e)))

@@ -220,7 +220,7 @@ class Journal:
         try:
             self._remove_orphan_bodies(conn)
         except OSError as e:
-            log.warning("could not clear unreferenced body files: %s", e.strerror)
+            log.warning("could not clear unreferenced stored files: %s", e.strerror)
         self._conn = conn
 
     async def close(self) -> None:
