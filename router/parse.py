@@ -79,16 +79,22 @@ def parse(body: bytes) -> Parsed:
         raise BadMessage("meta must be a JSON object")
     if isinstance(meta, _Repeated):
         raise duplicate_key(meta.repeated, "meta")
-    type_ = _field(meta, "type", required=True)
-    message_id = _field(meta, "messageId", required=True)
+    return from_meta(meta, doc.get("ping"), order_key(doc))
+
+
+def from_meta(meta: dict[str, Any], ping: Any, key: str) -> Parsed:
+    """The ``Parsed`` for a body's ``meta`` object, its ``ping`` value and its order key,
+    checking the meta fields (shared by the in-memory and the streaming parser)."""
+    type_ = meta_field(meta, "type", required=True)
+    message_id = meta_field(meta, "messageId", required=True)
     assert type_ is not None and message_id is not None
     return Parsed(
         message_id=message_id,
         type=type_,
-        when=_field(meta, "when", required=False),
-        request_id=_field(meta, "requestId", required=False),
-        ping=doc.get("ping") if type_ == "ping" else None,
-        order_key=order_key(doc),
+        when=meta_field(meta, "when", required=False),
+        request_id=meta_field(meta, "requestId", required=False),
+        ping=ping if type_ == "ping" else None,
+        order_key=key,
     )
 
 
@@ -211,10 +217,6 @@ def key_of(ids: set[str]) -> str:
 
 def meta_field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:
     """``meta[name]`` checked: a string, short, printable, non-empty when required."""
-    return _field(meta, name, required=required)
-
-
-def _field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:
     value = meta.get(name)
     if value is None:
         if required:

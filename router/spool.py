@@ -21,7 +21,7 @@ import anyio.to_thread
 import ijson
 
 from router.durable import fsync_dir
-from router.parse import BadMessage, Parsed, duplicate_key, key_of, meta_field
+from router.parse import BadMessage, Parsed, duplicate_key, from_meta, key_of
 
 #: Bodies up to this size stay in memory; larger ones go to a file as they arrive.
 SPOOL_THRESHOLD = 1024 * 1024
@@ -169,14 +169,4 @@ def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
         raise BadMessage("body is not valid JSON") from None
     if "meta" not in keys[""]:
         raise BadMessage("meta must be a JSON object")
-    type_ = meta_field(meta, "type", required=True)
-    message_id = meta_field(meta, "messageId", required=True)
-    assert type_ is not None and message_id is not None
-    return Parsed(
-        message_id=message_id,
-        type=type_,
-        when=meta_field(meta, "when", required=False),
-        request_id=meta_field(meta, "requestId", required=False),
-        ping=ping if type_ == "ping" else None,
-        order_key=key_of(next((s for s in ids if s), set())),
-    )
+    return from_meta(meta, ping, key_of(next((s for s in ids if s), set())))
