@@ -11,9 +11,11 @@ the journal keeps the file's name instead of the bytes. Sinks read such a body i
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -114,8 +116,26 @@ class Spool:
 
 
 # -- streaming parse ----------------------------------------------------------------------------
+#
+# A big body holds millions of JSON events (a 64 MiB FHIR bundle: 6.7 M), and a Python loop over
+# each of them costs more than the C tokenizer that makes them. So the events are first filtered
+# in C (itertools over ijson's C generator) down to the few whose prefix can matter: the root,
+# ``meta`` and the fields read from it, ``ping``, the patient ids and their lists. Python then
+# sees a few dozen events. ijson's prefixes are dotted paths, so they are unambiguous only while
+# no top-level key is empty or holds a dot; a body with such a key (Metriport sends none) is read
+# again by the exact loop, which tracks the depth of every event.
 
 _PATIENTS = {"payload.patientId": 0, "patients.item.patientId": 1, "users.item.userId": 2}
+_META_FIELDS = ("type", "messageId", "when", "requestId")
+_SHALLOW = frozenset(
+    {"", "meta", "ping", "patients", "users", *_PATIENTS, *(f"meta.{k}" for k in _META_FIELDS)}
+)
+_CONTAINERS = frozenset({"start_map", "start_array"})
+_BUF_SIZE = 256 * 1024
+
+
+class _Ambiguous(Exception):
+    """A top-level key makes ijson's prefixes ambiguous: read the body with the exact loop."""
 
 
 def parse_file(path: Path) -> Parsed:
@@ -123,50 +143,126 @@ def parse_file(path: Path) -> Parsed:
     (one JSON object, ``meta`` an object with string ``type`` and ``messageId``) and the same
     order key, in constant memory."""
     with path.open("rb") as f:
-        if f.read(3) != _BOM:
-            f.seek(0)
-        return _parse_events(ijson.parse(f, use_float=True))
+        try:
+            return _read(f, _parse_shallow)
+        except _Ambiguous:
+            return _read(f, _parse_events)
 
 
-def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
-    meta: dict[str, Any] = {}
-    ping: Any = None
-    keys: dict[str, set[str]] = {"": set(), "meta": set()}  # top-level keys, meta's keys
-    ids: list[set[str]] = [set(), set(), set()]
-    depth = 0
+def _read(f: IO[bytes], parser: Callable[[Iterator[tuple[str, str, Any]]], Parsed]) -> Parsed:
+    f.seek(0)
+    if f.read(3) != _BOM:
+        f.seek(0)
     try:
-        for prefix, event, value in events:
-            if event in ("start_map", "start_array"):
-                if depth == 0 and event != "start_map":
-                    raise BadMessage("body must be a JSON object")
-                if prefix == "meta" and event != "start_map":
-                    raise BadMessage("meta must be a JSON object")
-                if prefix.startswith("meta.") and prefix.count(".") == 1:
-                    meta[prefix[5:]] = {}  # not a string: meta_field says so
-                depth += 1
-            elif event in ("end_map", "end_array"):
-                depth -= 1
-            elif depth == 0:
-                raise BadMessage("body must be a JSON object")
-            elif event == "map_key" and prefix in keys and depth <= 2:
-                if value in keys[prefix]:
-                    raise duplicate_key(value, "meta" if prefix else "the body")
-                keys[prefix].add(value)
-            elif prefix == "meta":
-                raise BadMessage("meta must be a JSON object")
-            elif event == "map_key":
-                pass
-            elif depth == 2 and prefix.startswith("meta."):
-                meta[prefix[5:]] = value
-            elif depth == 1 and prefix == "ping":
-                ping = value
-            elif prefix in _PATIENTS and isinstance(value, str):
-                ids[_PATIENTS[prefix]].add(value)
-    except BadMessage:
+        return parser(ijson.parse(f, use_float=True, buf_size=_BUF_SIZE))
+    except (BadMessage, _Ambiguous):
         raise
     except (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError):
         # ijson's own text quotes the document: never pass it on.
         raise BadMessage("body is not valid JSON") from None
+
+
+def _parse_shallow(events: Iterator[tuple[str, str, Any]]) -> Parsed:
+    """The events that matter, picked out in C; see the comment above."""
+    everything, probe = itertools.tee(events)
+    wanted = map(_SHALLOW.__contains__, map(operator.itemgetter(0), probe))
+    meta: dict[str, Any] = {}
+    ping: Any = None
+    keys: dict[str, set[str]] = {"": set(), "meta": set()}
+    ids: list[set[str]] = [set(), set(), set()]
+    lists = {"patients": False, "users": False}
+    root = False
+    for prefix, event, value in itertools.compress(everything, wanted):
+        if not root:  # the first event of all: the root value
+            if event != "start_map":
+                raise BadMessage("body must be a JSON object")
+            root = True
+        elif event == "map_key":
+            if prefix == "":
+                if not value or "." in value:
+                    raise _Ambiguous
+                if value in keys[""]:
+                    raise duplicate_key(value, "the body")
+                keys[""].add(value)
+            elif prefix == "meta":
+                if value in keys["meta"]:
+                    raise duplicate_key(value, "meta")
+                keys["meta"].add(value)
+        elif prefix == "meta":
+            if event not in ("start_map", "end_map"):
+                raise BadMessage("meta must be a JSON object")
+        elif prefix in lists:
+            if event in _CONTAINERS:
+                lists[prefix] = event == "start_array"
+        elif prefix.startswith("meta."):
+            if event in _CONTAINERS:
+                meta[prefix[5:]] = {}  # not a string: from_meta says so
+            elif event not in ("end_map", "end_array"):
+                meta[prefix[5:]] = value
+        elif prefix == "ping":
+            if event not in _CONTAINERS and event not in ("end_map", "end_array"):
+                ping = value
+        elif (
+            prefix in _PATIENTS
+            and isinstance(value, str)
+            and (prefix == "payload.patientId" or lists[prefix.partition(".")[0]])
+        ):
+            ids[_PATIENTS[prefix]].add(value)
     if "meta" not in keys[""]:
         raise BadMessage("meta must be a JSON object")
     return from_meta(meta, ping, key_of(next((s for s in ids if s), set())))
+
+
+def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
+    """Every event, placed by the real path of keys that leads to it (``None`` for an array's
+    item) rather than by ijson's dotted prefix: exact whatever the keys are."""
+    meta: dict[str, Any] = {}
+    ping: Any = None
+    keys: dict[tuple[str | None, ...], set[str]] = {(): set(), ("meta",): set()}
+    ids: list[set[str]] = [set(), set(), set()]
+    path: list[str | None] = []  # the key (or None) at each open level below the root
+    depth = 0
+    for _prefix, event, value in events:
+        if event in ("end_map", "end_array"):
+            depth -= 1
+            del path[depth:]
+            continue
+        if depth == 0:  # the root value
+            if event != "start_map":
+                raise BadMessage("body must be a JSON object")
+            depth = 1
+            continue
+        if event == "map_key":
+            scope = tuple(path[: depth - 1]) if depth <= 2 else None
+            if scope in keys:
+                if value in keys[scope]:
+                    raise duplicate_key(value, "meta" if scope else "the body")
+                keys[scope].add(value)
+            del path[depth - 1 :]
+            path.append(value)
+            continue
+        if len(path) < depth:
+            path.append(None)  # an item of the array at this level
+        at = tuple(path[:depth])
+        container = event in ("start_map", "start_array")
+        if at == ("meta",):
+            if event != "start_map":
+                raise BadMessage("meta must be a JSON object")
+        elif depth == 2 and at[0] == "meta":
+            meta[str(at[1])] = {} if container else value  # a container is not a string
+        elif at == ("ping",) and not container:
+            ping = value
+        elif at in _PATHS and isinstance(value, str):
+            ids[_PATHS[at]].add(value)
+        if container:
+            depth += 1
+    if "meta" not in keys[()]:
+        raise BadMessage("meta must be a JSON object")
+    return from_meta(meta, ping, key_of(next((s for s in ids if s), set())))
+
+
+_PATHS: dict[tuple[str | None, ...], int] = {
+    ("payload", "patientId"): 0,
+    ("patients", None, "patientId"): 1,
+    ("users", None, "userId"): 2,
+}
