@@ -9,6 +9,8 @@ line) for journald and terminals, and ``json`` (one JSON object per line with ``
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import sys
@@ -68,6 +70,29 @@ class PlainFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
+class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` that, in an event loop, writes once per loop iteration instead of
+    once per record: under load one write system call carries many lines, and a line is
+    still out before the loop waits for anything. Outside a loop (worker threads, after the
+    loop ended) each record is written at once, as ``StreamHandler`` does."""
+
+    _pending_in: asyncio.AbstractEventLoop | None = None  # the loop a flush is queued in
+
+    def flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        if self._pending_in is not loop:  # (a loop that ended with one queued is not waited on)
+            self._pending_in = loop
+            loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._pending_in = None
+        super().flush()
+
+
 def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     # Log records never need the caller's file and line, thread or process names: skipping
     # them saves a stack walk per line.
@@ -75,7 +100,12 @@ def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    stream = sys.stderr
+    if isinstance(stream, io.TextIOWrapper) and stream.line_buffering:
+        # Python makes a non-interactive stderr line-buffered (a write per line): the handler
+        # flushes instead, and everything else on stderr stays in order with its lines.
+        stream.reconfigure(line_buffering=False)
+    handler = CoalescingHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter(_PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -8,6 +8,7 @@ prometheus-client's own text parser; logs are read from the real stderr handler 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -416,3 +417,52 @@ def test_json_log_values_stay_in_their_field(
     doc = json.loads(line)
     assert (doc["event"], doc["id"], doc["type"]) == ("accepted", "m-1", hostile)
     assert set(doc) == {"ts", "level", "logger", "event", "id", "type"}
+
+
+class _CountingBytes(io.BytesIO):
+    """The bytes a log stream wrote, and how many writes reached it."""
+
+    writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+def _handler_on_counting_stream() -> tuple[logging.Logger, _CountingBytes]:
+    raw = _CountingBytes()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)
+    handler = logs.CoalescingHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.coalescing")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, raw
+
+
+async def test_log_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
+    logger, raw = _handler_on_counting_stream()
+    for i in range(3):
+        logger.info("line %d", i)
+    assert raw.getvalue() == b""  # queued for the end of this iteration, not yet written
+    await anyio.sleep(0)
+    assert raw.getvalue() == b"line 0\nline 1\nline 2\n"
+    assert raw.writes == 1
+    logger.info("line 3")
+    await anyio.sleep(0)
+    assert raw.getvalue().endswith(b"line 2\nline 3\n")
+    assert raw.writes == 2
+
+
+def test_log_lines_outside_a_loop_go_out_at_once_and_a_loops_last_line_is_not_lost() -> None:
+    logger, raw = _handler_on_counting_stream()
+
+    async def log_and_leave() -> None:
+        logger.info("in a loop")  # its write is queued in a loop that then ends
+
+    anyio.run(log_and_leave)
+    logger.info("after")
+    assert raw.getvalue() == b"in a loop\nafter\n"
+    logger.info("again")
+    assert raw.getvalue() == b"in a loop\nafter\nagain\n"
