@@ -57,6 +57,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
 _WRITE_SIZE = 1024 * 1024
 _PLACEHOLDER = re.compile(r"\{(type|date|messageId)\}")
+_PATHS_KEPT = 4096
 
 
 class FileOptions(SinkOptions):
@@ -88,11 +89,26 @@ class FileSink(Sink[FileOptions]):
         # The template with its fixed leading folder resolved once (symlinks and all).
         self._resolved = str(self.root) + template[len(fixed_dir) :]
         self._lock = threading.Lock()
+        # Paths already worked out, by (type, UTC day) when the template has no {messageId}.
+        self._paths: dict[tuple[str, int], Path] | None = (
+            None if "{messageId}" in template else {}
+        )
 
     def describe(self) -> str:
         return f"file {self.template} ({self.options.format}, fsync={self.options.fsync})"
 
     def path_for(self, message: Message) -> Path:
+        if self._paths is None:
+            return self._path_for(message)
+        key = (message.type, int(message.received_at // 86400))
+        path = self._paths.get(key)
+        if path is None:
+            if len(self._paths) >= _PATHS_KEPT:
+                self._paths.clear()
+            path = self._paths[key] = self._path_for(message)
+        return path
+
+    def _path_for(self, message: Message) -> Path:
         values = {
             "type": safe_component(message.type),
             "date": message.received_datetime.strftime("%Y-%m-%d"),

@@ -31,6 +31,8 @@ class Verifier:
         if not keys:
             raise ValueError("at least one key is required")
         self.keys = tuple(keys)
+        # Keyed once: each request copies these (cheaper than keying a new HMAC every time).
+        self._macs = tuple(hmac.new(k, digestmod=hashlib.sha256) for k in self.keys)
         self.accept_signature = "signature" in accept
         self.accept_key = "key" in accept
 
@@ -43,7 +45,7 @@ class Verifier:
                 signatures.append(value)
             elif name == KEY_HEADER and self.accept_key:
                 given_keys.append(value)
-        return Verification(self.keys, signatures, given_keys)
+        return Verification(self.keys, self._macs, signatures, given_keys)
 
 
 class Verification:
@@ -52,12 +54,16 @@ class Verification:
     __slots__ = ("_given_keys", "_macs", "_signatures", "keys")
 
     def __init__(
-        self, keys: tuple[bytes, ...], signatures: list[bytes], given_keys: list[bytes]
+        self,
+        keys: tuple[bytes, ...],
+        macs: tuple[hmac.HMAC, ...],
+        signatures: list[bytes],
+        given_keys: list[bytes],
     ) -> None:
         self.keys = keys
         self._signatures = signatures
         self._given_keys = given_keys
-        self._macs = [hmac.new(k, digestmod=hashlib.sha256) for k in keys] if signatures else []
+        self._macs = [m.copy() for m in macs] if signatures else []
 
     @property
     def hopeless(self) -> bool:

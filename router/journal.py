@@ -18,6 +18,7 @@ A small body lives in the ``body`` column; a large one in a file under ``bodies/
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -318,7 +319,7 @@ class Journal:
             return None
         return str(body_file.relative_to(self.directory))
 
-    @property
+    @functools.cached_property
     def bodies(self) -> Path:
         """Where large bodies are stored, one file each (see ``router.spool``)."""
         return self.directory / "bodies"
