@@ -90,9 +90,7 @@ class FileSink(Sink[FileOptions]):
         self._resolved = str(self.root) + template[len(fixed_dir) :]
         self._lock = threading.Lock()
         # Paths already worked out, by (type, UTC day) when the template has no {messageId}.
-        self._paths: dict[tuple[str, int], Path] | None = (
-            None if "{messageId}" in template else {}
-        )
+        self._paths: dict[tuple[str, int], Path] | None = None if "{messageId}" in template else {}
 
     def describe(self) -> str:
         return f"file {self.template} ({self.options.format}, fsync={self.options.fsync})"
