@@ -156,6 +156,27 @@ def test_the_date_is_the_utc_receive_date(tmp_path: Path) -> None:
     assert sink.path_for(message).name == "2026-03-04.jsonl"
 
 
+def test_one_sink_follows_the_day_and_the_type_from_message_to_message(tmp_path: Path) -> None:
+    """The sink remembers the paths it worked out; each new day or type still gets its own."""
+    sink = sink_for(tmp_path, "out/{type}/{date}.jsonl")
+
+    def at(type_: str, day: int, hour: int) -> Message:
+        when = dt.datetime(2026, 3, day, hour, 59, 59, tzinfo=dt.UTC).timestamp()
+        return Message(f"m-{type_}-{day}-{hour}", type_, None, b"{}", when)
+
+    names = [
+        str(sink.path_for(m).relative_to(tmp_path.resolve()))
+        for m in (at("a", 4, 23), at("a", 5, 0), at("a", 4, 0), at("b", 4, 23), at("a", 5, 23))
+    ]
+    assert names == [
+        "out/a/2026-03-04.jsonl",
+        "out/a/2026-03-05.jsonl",
+        "out/a/2026-03-04.jsonl",
+        "out/b/2026-03-04.jsonl",
+        "out/a/2026-03-05.jsonl",
+    ]
+
+
 def test_a_relative_template_resolves_against_the_config_folder(tmp_path: Path) -> None:
     sink = sink_for(tmp_path, "var/{type}.jsonl")
     assert sink.path_for(message_for("t")) == (tmp_path / "var" / "t.jsonl").resolve()
