@@ -133,6 +133,7 @@ def report(results: dict[str, Any]) -> str:
             ("floor", f"floor: hypercorn {t.get('floor_loop')}, bare app"),
             ("router", f"router: HMAC + fsync'd journal + file sink ({t.get('router_loop')})"),
             ("peer", "peer: adnanh/webhook, key check + append"),
+            ("ingest", "router, ingest only: no sink, WARNING logs"),
         ):
             r = t.get(name, {})
             if "skipped" in r:
@@ -144,13 +145,15 @@ def report(results: dict[str, Any]) -> str:
                 row("  " + label, f"{r['rps_median']:,.0f}  ({runs})")
         if any(
             x.get("disturbed")
-            for k in ("floor", "router", "peer")
+            for k in ("floor", "router", "peer", "ingest")
             for x in t.get(k, {}).get("runs", [])
         ):
             row("  (* disturbed by other processes: left out of the median)", "")
         rf, rp = t.get("router_vs_floor"), t.get("router_vs_peer")
         row("  router / floor", fmt(rf, digits=2), *verdict(rf, "router_vs_floor"))
         row("  router / peer", fmt(rp, digits=2), *verdict(rp, "router_vs_peer"))
+        if t.get("ingest_vs_floor") is not None:
+            row("  ingest only / floor (diagnostic)", fmt(t["ingest_vs_floor"], digits=2))
     lat = results.get("latency", {})
     if lat:
         e = lat.get("e2e", {})

@@ -50,6 +50,7 @@ import servers
 from procfs import Sampler, clear_peak_rss, filesystem_of, task_ticks
 from servers import (
     BENCH,
+    INGEST_ONLY_CONFIG,
     KEY,
     MIB,
     ROOT,
@@ -85,6 +86,7 @@ class Options:
     large_sizes: list[int]
     profile: float
     skip_peer: bool
+    ingest_only: bool
     soak: float
     soak_slice: float
     retries: int
@@ -208,6 +210,11 @@ def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
         router = start_router("router", opts.tmp, opts.server_cpu)
         url = f"http://127.0.0.1:{router.server.port}/webhook"
         targets.append(Target("router", router.server, url, "once", router=router))
+        if opts.ingest_only:
+            log("router, ingest only (no sink, WARNING logs; diagnostic): starting")
+            ingest = start_router("ingest", opts.tmp, opts.server_cpu, INGEST_ONLY_CONFIG)
+            url = f"http://127.0.0.1:{ingest.server.port}/webhook"
+            targets.append(Target("ingest", ingest.server, url, "once", router=ingest))
         time.sleep(1.0)
         uvloop = router.server.uses_uvloop()
         loop = opts.floor_loop if opts.floor_loop != "auto" else "uvloop" if uvloop else "asyncio"
@@ -247,10 +254,10 @@ def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
                 for attempt in range(1 + opts.retries):
                     r = one_run(t, opts, cycle_pool.path, opts.duration, rows, f"run {i + 1}")
                     runs[t.name].append(r)
-                    if t.router is not None:
+                    if t.name == "router":
                         max_rss = max(max_rss, r["max_rss_mb"])
-                        if r["sent"] > 0.8 * rows:
-                            rows = int(rows * 1.5)
+                    if t.router is not None and r["sent"] > 0.8 * rows:
+                        rows = int(rows * 1.5)
                     if not r["disturbed"]:
                         break
                     if attempt < opts.retries:
@@ -271,6 +278,8 @@ def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
 
     r_rps, f_rps = out["router"]["rps_median"], out["floor"]["rps_median"]
     out["router_vs_floor"] = round(r_rps / f_rps, 3) if f_rps else None
+    i_rps = out.get("ingest", {}).get("rps_median")
+    out["ingest_vs_floor"] = round(i_rps / f_rps, 3) if i_rps and f_rps else None
     p_rps = out.get("peer", {}).get("rps_median")
     out["router_vs_peer"] = round(r_rps / p_rps, 2) if p_rps else None
     # The same ratios round by round (each round's runs are seconds apart).
@@ -653,6 +662,11 @@ def parse_args() -> Options:
     p.add_argument("--profile", type=float, default=0, help="also py-spy the router N seconds")
     p.add_argument("--skip-peer", action="store_true", help="do not run adnanh/webhook")
     p.add_argument(
+        "--skip-ingest-only",
+        action="store_true",
+        help="do not run the diagnostic ingest-only router (no sink, WARNING logs)",
+    )
+    p.add_argument(
         "--soak", type=float, default=0, help="also a soak of N seconds on one router (600)"
     )
     p.add_argument("--soak-slice", type=float, default=60, help="soak slice seconds (60)")
@@ -703,6 +717,7 @@ def parse_args() -> Options:
         large_sizes=[int(x) for x in sizes.split(",") if x.strip()],
         profile=a.profile,
         skip_peer=a.skip_peer,
+        ingest_only=not a.skip_ingest_only,
         soak=a.soak,
         soak_slice=a.soak_slice,
         retries=a.retries,

@@ -150,11 +150,19 @@ class Router:
         return {f.name: round(f.stat().st_size / MIB, 1) for f in files if f.is_file()}
 
 
-def start_router(name: str, tmp: Path, cpu: int | None) -> Router:
+#: The diagnostic "ingest only" router: the same, with no route to any sink and WARNING logs
+#: (what the router does before its 200, without delivery and per-message log lines).
+INGEST_ONLY_CONFIG = (
+    ROUTER_CONFIG.replace('match: "*"', 'match: "no.such.type"')
+    + "log:\n  level: warning                 # no per-message lines\n"
+)
+
+
+def start_router(name: str, tmp: Path, cpu: int | None, config_text: str = ROUTER_CONFIG) -> Router:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
     port = free_port()
     config = workdir / "config.yaml"
-    config.write_text(ROUTER_CONFIG.format(port=port, max_body=300 * MIB))
+    config.write_text(config_text.format(port=port, max_body=300 * MIB))
     server = Server(
         name,
         [str(VENV_BIN / "webhook-router"), "serve", "--config", str(config)],
