@@ -157,22 +157,15 @@ class GroupCommit:
         storage_error: str | None = None  # a job that failed for want of disk
         for job in jobs:
             job.result = None
+        todo = list(jobs)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            while not self._each_in_savepoints(conn, todo):
+                # SQLite undid the whole transaction (it may, for a full disk): the jobs run
+                # before the failing one are undone too. Run them again without it.
+                todo = [job for job in todo if job.error is None]
             for job in jobs:
-                conn.execute("SAVEPOINT job")
-                try:
-                    job.result = job.fn(conn)
-                except Exception as e:
-                    conn.execute("ROLLBACK TO job")
-                    if getattr(e, "sqlite_errorcode", 0) & 0xFF in STORAGE_ERRORS:
-                        storage_error = str(e)
-                    job.error = (
-                        e
-                        if isinstance(e, JournalUnavailable)
-                        else JournalUnavailable(f"journal write failed: {e}")
-                    )
-                conn.execute("RELEASE job")
+                if job.error is not None and _is_storage_error(job.error.__cause__):
+                    storage_error = str(job.error.__cause__)
             conn.execute("COMMIT")
             self.healthy = storage_error is None
             self.last_error = storage_error
@@ -184,3 +177,32 @@ class GroupCommit:
                 conn.execute("ROLLBACK")
             for job in jobs:
                 job.error = JournalUnavailable(f"journal commit failed: {e}")
+
+    @staticmethod
+    def _each_in_savepoints(conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
+        """Run ``jobs`` in a new transaction, each in a savepoint, recording a failing job's
+        error. False if a failure ended the transaction itself (nothing of it is left)."""
+        conn.execute("BEGIN IMMEDIATE")
+        for job in jobs:
+            conn.execute("SAVEPOINT job")
+            try:
+                job.result = job.fn(conn)
+            except Exception as e:
+                job.error = _as_unavailable(e)
+                if not conn.in_transaction:
+                    return False
+                conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        return True
+
+
+def _as_unavailable(e: Exception) -> JournalUnavailable:
+    if isinstance(e, JournalUnavailable):
+        return e
+    error = JournalUnavailable(f"journal write failed: {e}")
+    error.__cause__ = e
+    return error
+
+
+def _is_storage_error(e: BaseException | None) -> bool:
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in STORAGE_ERRORS

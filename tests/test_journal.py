@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from router.errors import JournalUnavailable
@@ -287,3 +289,63 @@ async def test_a_file_that_is_not_a_database_is_refused_at_open(tmp_path: Path) 
     await journal.close()
     # The file is left as it was: nothing was written over it.
     assert path.read_bytes().startswith(b"this is not a journal")
+
+
+async def test_concurrent_appends_store_each_id_once(tmp_path: Path) -> None:
+    async with opened(tmp_path) as journal:
+        results: dict[str, list[Appended]] = {}
+
+        async def append(i: int) -> None:
+            message_id = f"m{i % 7}"
+            appended = await journal.append(msg(message_id, 1000.0 + i), ["s"])
+            results.setdefault(message_id, []).append(appended)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(70):
+                tg.start_soon(append, i)
+        for appended in results.values():
+            assert len(appended) == 10
+            assert sum(not a.duplicate for a in appended) == 1
+            assert len({a.seq for a in appended}) == 1
+        assert len(query(tmp_path, "SELECT seq FROM deliveries")) == 7
+
+
+async def test_a_write_refused_for_want_of_space_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """A full disk can make SQLite undo the whole transaction, not only the failing statement:
+    the other writes of the batch are then made again, and kept."""
+    async with opened(tmp_path) as journal:
+        await journal.append(msg("before"), ["s"])
+        pages = await journal._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await journal._write(lambda c: c.execute(f"PRAGMA max_page_count={pages + 8}"))
+        big = Message("big", "patient.admit", None, b"{" + b" " * 200_000 + b"}", 1001.0)
+
+        gate = threading.Event()
+        outcomes: dict[str, Appended | BaseException] = {}
+
+        async def append(message: Message) -> None:
+            try:
+                outcomes[message.message_id] = await journal.append(message, ["s"])
+            except JournalUnavailable as e:
+                outcomes[message.message_id] = e
+
+        def hold(conn: object) -> None:
+            entered.set()
+            gate.wait(30)
+
+        entered = threading.Event()
+        writer = journal._writer
+        assert writer is not None
+        async with anyio.create_task_group() as tg:
+            # The writer waits on the gate while the three appends queue up: one batch.
+            tg.start_soon(journal._write, hold)
+            await anyio.to_thread.run_sync(entered.wait, 30)
+            for message in (msg("ok-1", 1002.0), big, msg("ok-2", 1003.0)):
+                tg.start_soon(append, message)
+            while writer._jobs.qsize() < 3:
+                await anyio.sleep(0)
+            gate.set()
+
+        assert isinstance(outcomes["big"], JournalUnavailable) and "full" in str(outcomes["big"])
+        assert isinstance(outcomes["ok-1"], Appended) and isinstance(outcomes["ok-2"], Appended)
+        stored = sorted(m for (m,) in query(tmp_path, "SELECT message_id FROM messages"))
+        assert stored == ["before", "ok-1", "ok-2"]
