@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,42 +311,82 @@ async def test_concurrent_appends_store_each_id_once(tmp_path: Path) -> None:
         assert len(query(tmp_path, "SELECT seq FROM deliveries")) == 7
 
 
+async def in_one_batch(journal: Journal, writes: list[Callable[[], Awaitable[object]]]) -> None:
+    """Run ``writes`` concurrently so that the writer thread takes them as one batch: it is
+    held by a job of its own until all of them are queued behind it."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(conn: object) -> None:
+        entered.set()
+        gate.wait(30)
+
+    writer = journal._writer
+    assert writer is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(journal._write, hold)
+        await anyio.to_thread.run_sync(entered.wait, 30)
+        for write in writes:
+            tg.start_soon(write)
+        while writer._jobs.qsize() < len(writes):
+            await anyio.sleep(0)
+        gate.set()
+
+
 async def test_a_write_refused_for_want_of_space_fails_alone_in_its_batch(tmp_path: Path) -> None:
-    """A full disk can make SQLite undo the whole transaction, not only the failing statement:
-    the other writes of the batch are then made again, and kept."""
     async with opened(tmp_path) as journal:
         await journal.append(msg("before"), ["s"])
         pages = await journal._write(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
         await journal._write(lambda c: c.execute(f"PRAGMA max_page_count={pages + 8}"))
         big = Message("big", "patient.admit", None, b"{" + b" " * 200_000 + b"}", 1001.0)
-
-        gate = threading.Event()
         outcomes: dict[str, Appended | BaseException] = {}
 
-        async def append(message: Message) -> None:
-            try:
-                outcomes[message.message_id] = await journal.append(message, ["s"])
-            except JournalUnavailable as e:
-                outcomes[message.message_id] = e
+        def append(message: Message) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                try:
+                    outcomes[message.message_id] = await journal.append(message, ["s"])
+                except JournalUnavailable as e:
+                    outcomes[message.message_id] = e
 
-        def hold(conn: object) -> None:
-            entered.set()
-            gate.wait(30)
+            return run
 
-        entered = threading.Event()
-        writer = journal._writer
-        assert writer is not None
-        async with anyio.create_task_group() as tg:
-            # The writer waits on the gate while the three appends queue up: one batch.
-            tg.start_soon(journal._write, hold)
-            await anyio.to_thread.run_sync(entered.wait, 30)
-            for message in (msg("ok-1", 1002.0), big, msg("ok-2", 1003.0)):
-                tg.start_soon(append, message)
-            while writer._jobs.qsize() < 3:
-                await anyio.sleep(0)
-            gate.set()
-
+        await in_one_batch(journal, [append(m) for m in (msg("ok-1"), big, msg("ok-2"))])
         assert isinstance(outcomes["big"], JournalUnavailable) and "full" in str(outcomes["big"])
         assert isinstance(outcomes["ok-1"], Appended) and isinstance(outcomes["ok-2"], Appended)
         stored = sorted(m for (m,) in query(tmp_path, "SELECT message_id FROM messages"))
         assert stored == ["before", "ok-1", "ok-2"]
+
+
+async def test_when_a_failed_write_ends_the_transaction_the_others_are_made_again(
+    tmp_path: Path,
+) -> None:
+    """SQLite may undo the whole transaction when a write fails (full disk, I/O error): the
+    writes before it in the batch are undone too, so they are made again, without it."""
+    async with opened(tmp_path) as journal:
+        failed: list[BaseException] = []
+
+        def undone_by_sqlite(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO messages (message_id, type, received_at, body_size, routed)"
+                " VALUES ('half', 't', 1, 0, 0)"
+            )
+            conn.execute("ROLLBACK")  # what SQLite does itself in such a case
+            raise sqlite3.OperationalError("database or disk is full")
+
+        async def failing() -> None:
+            try:
+                await journal._write(undone_by_sqlite)
+            except JournalUnavailable as e:
+                failed.append(e)
+
+        await in_one_batch(
+            journal,
+            [
+                lambda: journal.append(msg("ok-1"), ["s"]),
+                failing,
+                lambda: journal.append(msg("ok-2"), ["s"]),
+            ],
+        )
+        assert len(failed) == 1 and "full" in str(failed[0])
+        stored = sorted(m for (m,) in query(tmp_path, "SELECT message_id FROM messages"))
+        assert stored == ["ok-1", "ok-2"]
+        assert len(await journal.due("s", FUTURE, 10, ())) == 2
