@@ -138,6 +138,32 @@ async def test_due_is_oldest_first_and_honours_exclude_and_limit(tmp_path: Path)
         assert await journal.next_due_at("nobody", ()) is None
 
 
+async def test_outcomes_alike_recorded_together_stay_with_their_sink(tmp_path: Path) -> None:
+    async with opened(tmp_path) as journal:
+        a = await journal.append(msg("a"), ["s", "t"])
+        b = await journal.append(msg("b"), ["s", "t"])
+        c = await journal.append(msg("c"), ["s"])
+        await journal.record(
+            [
+                Outcome(a.seq, "s", "delivered", 1),
+                Outcome(b.seq, "s", "delivered", 1),
+                Outcome(a.seq, "t", "pending", 1, next_attempt_at=5000.0, error="E: x"),
+                Outcome(c.seq, "s", "delivered", 1),
+            ]
+        )
+        assert await journal.due("s", FUTURE, 10, ()) == []
+        due = await journal.due("t", FUTURE, 10, ())
+        assert [(d.seq, d.attempts) for d in due] == [(b.seq, 0), (a.seq, 1)]  # by next attempt
+        rows = query(tmp_path, "SELECT seq, sink, state, attempts, last_error FROM deliveries")
+        assert sorted(rows) == [
+            (a.seq, "s", "delivered", 1, None),
+            (a.seq, "t", "pending", 1, "E: x"),
+            (b.seq, "s", "delivered", 1, None),
+            (b.seq, "t", "pending", 0, None),
+            (c.seq, "s", "delivered", 1, None),
+        ]
+
+
 async def test_record_updates_what_is_due(tmp_path: Path) -> None:
     async with opened(tmp_path) as journal:
         a = await journal.append(msg("a", received_at=1000.0), ["s"])
