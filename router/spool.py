@@ -131,7 +131,8 @@ _SHALLOW = frozenset(
     {"", "meta", "ping", "patients", "users", *_PATIENTS, *(f"meta.{k}" for k in _META_FIELDS)}
 )
 _CONTAINERS = frozenset({"start_map", "start_array"})
-_BUF_SIZE = 256 * 1024
+#: Read size: each read hands the GIL back, so the event loop waits at most one piece's parse.
+_BUF_SIZE = 64 * 1024
 
 
 class _Ambiguous(Exception):
