@@ -123,7 +123,7 @@ class Spool:
 # ``meta`` and the fields read from it, ``ping``, the patient ids and their lists. Python then
 # sees a few dozen events. ijson's prefixes are dotted paths, so they are unambiguous only while
 # no top-level key is empty or holds a dot; a body with such a key (Metriport sends none) is read
-# again by the exact loop, which tracks the depth of every event.
+# again by the exact loop, which places every event by its real path of keys.
 
 _PATIENTS = {"payload.patientId": 0, "patients.item.patientId": 1, "users.item.userId": 2}
 _META_FIELDS = ("type", "messageId", "when", "requestId")
