@@ -27,7 +27,7 @@ from router.config import Config, load_config
 from router.dispatcher import Dispatcher
 from router.errors import ConfigError, JournalUnavailable, ListenError
 from router.ingress import Ingress, Runtime
-from router.journal import Journal
+from router.journal import Journal, journal_for
 from router.logs import kv
 from router.metrics import Metrics
 from router.notify import notify
@@ -58,7 +58,7 @@ async def serve(
     """Run the daemon until SIGTERM or SIGINT, or until ``stop`` is set when one is given (then
     no signal handlers are installed: that is how tests run it in-process, calling
     ``Daemon.reload`` for what SIGHUP does). ``on_ready`` gets the listening addresses."""
-    journal = Journal(config.journal.path)
+    journal = journal_for(config.journal)
     await journal.open()
     try:
         await Daemon(config, journal).run(stop, on_ready)
@@ -83,7 +83,8 @@ class Daemon:
         self, stop: anyio.Event | None, on_ready: Callable[[list[str], Daemon], None] | None
     ) -> None:
         config = self.config
-        orphans = await self.journal.dead_letter_sinks_not_in(
+        await self.dispatcher.register()
+        orphans = await self.journal.dead_letter_orphaned(
             config.sinks, "sink is no longer configured"
         )
         for sink, count in orphans.items():
@@ -123,7 +124,7 @@ class Daemon:
                     admin=",".join(server.addresses(admin[1])) if admin else None,
                     path=config.server.path,
                     sinks=",".join(config.sinks),
-                    journal=str(self.journal.path),
+                    journal=self.journal.describe(),
                 )
             )
             notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
@@ -138,6 +139,11 @@ class Daemon:
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             await self.dispatcher.close()
+            with anyio.move_on_after(5.0):
+                try:
+                    await self.journal.unregister(self.dispatcher.owner)
+                except JournalUnavailable as e:
+                    log.warning(kv("unregister-failed", error=str(e)))
 
     async def reload(self) -> bool:
         """Load the configuration file again and switch to it; on any error keep running the
@@ -203,7 +209,7 @@ class Daemon:
         config = self.config
         try:
             removed = await self.journal.sweep(config.journal.retention)
-            await self.journal.dead_letter_sinks_not_in(
+            await self.journal.dead_letter_orphaned(
                 config.sinks, "sink removed from the configuration"
             )
         except JournalUnavailable as e:

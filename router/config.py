@@ -142,8 +142,31 @@ class AuthConfig(_Strict):
     keys: list[Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]] = Field(min_length=1)
 
 
+class PostgresConfig(_Strict):
+    """``journal.postgres``: a PostgreSQL journal shared by several routers.
+
+    - ``dsn``: any libpq connection URI or ``key=value`` string (unix-socket URIs included);
+      usually a secret: ``{env: WEBHOOK_ROUTER_DATABASE_URL}``.
+    - ``pool`` (10): connections this router keeps (one more listens for wake-ups).
+    - ``listen`` (true): wake idle routers with LISTEN/NOTIFY; false behind PgBouncer's
+      transaction pooling, where LISTEN does not work (routers then poll).
+    - ``connect_timeout`` (5s): the longest a connection attempt may take.
+    """
+
+    dsn: SecretStr
+    pool: Annotated[int, Field(ge=2, le=1000)] = 10
+    listen: bool = True
+    connect_timeout: _Timeout = 5.0
+
+
 class JournalConfig(_Strict):
+    #: The SQLite journal's folder; with ``postgres`` the folder where large bodies are
+    #: received before they are stored in the database.
     path: ConfigPath = Path("var/journal")
+    postgres: PostgresConfig | None = None
+    #: How long a router's claim on a delivery lasts without renewal: after a router dies,
+    #: another takes its deliveries over after at most this long.
+    lease: Annotated[float, BeforeValidator(parse_duration), Field(ge=3, le=3600)] = 30.0
     #: How long a message stays after every sink it was routed to has it. Dead letters and
     #: unrouted messages stay until an operator deals with them.
     retention: Duration = 7 * 86400.0
@@ -259,6 +282,10 @@ class Config:
     @property
     def base_dir(self) -> Path:
         return self.file.parent
+
+    def routes_ordered(self, sinks: Sequence[str]) -> bool:
+        """Whether any of ``sinks`` delivers in order (see ``Journal.append``)."""
+        return any(self.sinks[name].ordered for name in sinks if name in self.sinks)
 
     def key_bytes(self) -> tuple[bytes, ...]:
         return tuple(k.get_secret_value().encode() for k in self.auth.keys)
@@ -438,6 +465,7 @@ _CORE_MODELS: dict[yamlsource.KeyPath, type[BaseModel]] = {
     ("server",): ServerConfig,
     ("auth",): AuthConfig,
     ("journal",): JournalConfig,
+    ("journal", "postgres"): PostgresConfig,
     ("log",): LogConfig,
     ("routes", 0): RouteConfig,
 }

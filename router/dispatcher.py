@@ -1,18 +1,24 @@
-"""The dispatcher: one runner per sink, reading due deliveries from the journal.
+"""The dispatcher: one runner per sink, claiming due deliveries from the journal.
 
 Each sink has its own runner task and its own worker tasks (up to the sink's ``concurrency``),
-so a sink that fails, retries or hangs never delays another sink. The journal is the queue: a
-runner asks it for the sink's due deliveries (new ones and retries whose time has come), skips
-those it already has in flight, and sleeps until woken by a new message or until the next retry
-falls due. In memory there are only row numbers, so a crash loses nothing: every delivery not
-marked done is found again at start.
+so a sink that fails, retries or hangs never delays another sink. The journal is the queue and
+the coordinator: a runner *claims* the sink's due deliveries (new ones and retries whose time
+has come) with a lease and a fencing token, sends them, and records each outcome with its token;
+then it sleeps until woken by a new message or until the next delivery falls due. A message
+this router just received is claimed by the append itself and handed over in memory. The
+dispatcher renews the leases of everything its runners hold; a router that dies stops renewing
+and its claims are taken over once they expire (at once after a restart on the same host), so
+a crash loses nothing, and with several routers on one journal no delivery is held by two.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +28,7 @@ import pluggy
 from router import plugins
 from router.config import Config, SinkConfig
 from router.errors import JournalUnavailable
-from router.journal import Due, Journal, Outcome
+from router.journal import FIRST_TOKEN, Claim, Journal, Outcome, RouterInfo
 from router.logs import kv
 from router.message import Message
 from router.metrics import Metrics
@@ -35,8 +41,11 @@ log = logging.getLogger("router.delivery")
 IDLE_POLL = 2.0
 #: While fresh messages keep coming, the journal is still read this often for due retries.
 JOURNAL_LOOK = 0.5
-#: How many body bytes of just-accepted messages a runner keeps at hand.
+#: How many just-accepted messages a runner keeps at hand, and how many bytes they may hold
+#: together (bodies, plus an estimate of each entry's own cost).
+FRESH_COUNT = 4096
 FRESH_BYTES = 16 * 1024 * 1024
+FRESH_ENTRY_BYTES = 600
 #: How long a sink being retired by a reload may take to finish its deliveries in flight.
 RETIRE_SECONDS = 10.0
 
@@ -51,18 +60,21 @@ class SinkRunner:
         journal: Journal,
         pm: pluggy.PluginManager,
         metrics: Metrics,
+        owner: str,
+        lease: float,
     ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.journal = journal
         self.pm = pm
         self.metrics = metrics
-        self.inflight: set[int] = set()
-        self._finished: set[int] = set()
+        self.owner = owner
+        self.lease = lease
+        #: The deliveries this runner holds (claimed, outcome not yet recorded), by row.
+        self.held: dict[int, Claim] = {}
         self._fresh: dict[int, Message] = {}
         self._fresh_bytes = 0
         self._next_journal_look = 0.0
-        self._journal_horizon = 0
         self.active = 0
         self.opened = False
         self.stopping = False
@@ -80,31 +92,30 @@ class SinkRunner:
         """A delivery may be due: look again."""
         self._wake.set()
 
+    def has_room(self) -> bool:
+        """Whether a message just received may be claimed for this runner and kept at hand."""
+        return (
+            not self.cfg.ordered
+            and not self.stopping
+            and len(self._fresh) < FRESH_COUNT
+            and self._fresh_bytes < FRESH_BYTES
+        )
+
     def offer(self, seq: int, message: Message) -> None:
-        """A message just journaled for this sink: keep it at hand, so that delivering it
-        needs no journal read (the journal still decides: this is only a shortcut)."""
-        # A journal read may have seen this message (committed just before this call) and
-        # sent it already: everything up to the highest row such a read returned is left to
-        # the journal's word. Rows only grow, so that covers it.
-        fits = self._fresh_bytes + message.body_size <= FRESH_BYTES
-        if not self.cfg.ordered and fits and seq > self._journal_horizon:
-            self._fresh[seq] = message
-            self._fresh_bytes += message.body_size
+        """A message just journaled and claimed for this sink (token ``FIRST_TOKEN``): keep it
+        at hand, so that delivering it needs no journal read."""
+        self.held[seq] = Claim(seq, 0, FIRST_TOKEN)
+        self._fresh[seq] = message
+        self._fresh_bytes += message.body_size + FRESH_ENTRY_BYTES
         self._wake.set()
 
-    def _take_fresh(self, limit: int) -> list[tuple[Due, Message]]:
-        taken = []
+    def _take_fresh(self, limit: int) -> list[tuple[Claim, Message | None]]:
+        taken: list[tuple[Claim, Message | None]] = []
         for seq in list(itertools.islice(self._fresh, limit)):
             message = self._fresh.pop(seq)
-            self._fresh_bytes -= message.body_size
-            taken.append((Due(seq, 0), message))
+            self._fresh_bytes -= message.body_size + FRESH_ENTRY_BYTES
+            taken.append((self.held[seq], message))
         return taken
-
-    def _forget_fresh_up_to(self, horizon: int) -> None:
-        """Leave every message up to row ``horizon`` to the journal's word."""
-        self._journal_horizon = max(self._journal_horizon, horizon)
-        for seq in [seq for seq in self._fresh if seq <= horizon]:
-            self._fresh_bytes -= self._fresh.pop(seq).body_size
 
     async def supervise(self) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
@@ -114,6 +125,10 @@ class SinkRunner:
                 await self.run()
             finally:
                 self._done.set()
+
+    async def done(self) -> None:
+        """Wait until ``run`` has returned (after ``stop``)."""
+        await self._done.wait()
 
     async def retire(self, grace: float) -> None:
         """After ``stop``: wait for deliveries in flight (cancelled after ``grace`` seconds),
@@ -142,56 +157,68 @@ class SinkRunner:
         self._wake.set()
 
     async def run(self) -> None:
-        await self._open()
-        async with anyio.create_task_group() as tg:
-            while not self.stopping:
-                wake = self._wake = anyio.Event()
+        try:
+            await self._open()
+            async with anyio.create_task_group() as tg:
+                while not self.stopping:
+                    wake = self._wake = anyio.Event()
+                    try:
+                        wait = await self._dispatch_due(tg)
+                    except JournalUnavailable as e:
+                        log.error(kv("journal-read-failed", sink=self.name, error=str(e)))
+                        wait = 1.0
+                    if wait == 0.0:
+                        continue
+                    # Look at the journal at least every IDLE_POLL seconds even when nothing is
+                    # due: operators (``dead retry``, ``replay``) and other routers change it.
+                    with anyio.move_on_after(IDLE_POLL if wait is None else min(wait, IDLE_POLL)):
+                        await wake.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release_fresh()
+
+    async def _release_fresh(self) -> None:
+        """Give back the claims of messages kept at hand but never sent (stop, reload)."""
+        claims = [self.held.pop(seq) for seq in self._fresh]
+        self._fresh.clear()
+        self._fresh_bytes = 0
+        if claims:
+            with anyio.move_on_after(5.0):
                 try:
-                    next_at = await self._dispatch_due(tg)
-                except JournalUnavailable as e:
-                    log.error(kv("journal-read-failed", sink=self.name, error=str(e)))
-                    next_at = time.time() + 1.0
-                if next_at == 0.0:
-                    continue
-                # Look at the journal at least every IDLE_POLL seconds even when nothing is
-                # due: operators (``dead retry``, ``replay``) change it from outside.
-                timeout = IDLE_POLL if next_at is None else max(0.0, next_at - time.time())
-                with anyio.move_on_after(min(timeout, IDLE_POLL)):
-                    await wake.wait()
+                    await self.journal.release(self.name, claims)
+                except JournalUnavailable as e:  # they expire instead
+                    log.warning(kv("release-failed", sink=self.name, error=str(e)))
 
     async def _dispatch_due(self, tg: anyio.abc.TaskGroup) -> float | None:
-        """Start workers for due deliveries. Returns 0.0 to look again at once, else when the
-        next delivery falls due (``None``: nothing pending, wait to be woken)."""
+        """Start workers for due deliveries. Returns how long to wait before looking again
+        (0.0: at once; ``None``: nothing pending, wait to be woken)."""
         free = self.cfg.concurrency - self.active
         if free <= 0:
             return None  # a finishing worker wakes us
         size = self.cfg.batch_size
-        ordered = self.cfg.ordered
         if self._fresh and time.monotonic() < self._next_journal_look:
             # Messages just accepted go out from memory; the journal is still asked at least
             # every JOURNAL_LOOK seconds, so retries that fall due are never starved.
             self._start(tg, self._take_fresh(free * size))
             return 0.0
         self._next_journal_look = time.monotonic() + JOURNAL_LOOK
-        # The read runs on a snapshot taken in a worker thread: a delivery that finishes (is
-        # recorded and leaves ``inflight``) while it runs may still look pending in it, so
-        # whatever finishes meanwhile is dropped from the answer too.
-        self._finished = set()
-        exclude = frozenset(self.inflight)
-        due = await self.journal.due(self.name, time.time(), free * size, exclude, ordered)
-        due = [d for d in due if d.seq not in self._finished and d.seq not in self.inflight]
-        if due:
-            known = {d.seq: self._fresh.get(d.seq) for d in due}
-            self._forget_fresh_up_to(max(known))
-            self._start(tg, [(d, known[d.seq]) for d in due])
+        claims = await self.journal.claim(
+            self.name, self.owner, free * size, ordered=self.cfg.ordered, lease=self.lease
+        )
+        if claims:
+            for c in claims:
+                self.held[c.seq] = c
+            self._start(tg, [(c, None) for c in claims])
             return 0.0
-        return await self.journal.next_due_at(self.name, frozenset(self.inflight), ordered)
+        if self._fresh:
+            self._start(tg, self._take_fresh(free * size))
+            return 0.0
+        return await self.journal.next_due_in(self.name, ordered=self.cfg.ordered)
 
-    def _start(self, tg: anyio.abc.TaskGroup, due: Sequence[tuple[Due, Message | None]]) -> None:
+    def _start(self, tg: anyio.abc.TaskGroup, due: Sequence[tuple[Claim, Message | None]]) -> None:
         size = self.cfg.batch_size
         for i in range(0, len(due), size):
             chunk = due[i : i + size]
-            self.inflight.update(d.seq for d, _ in chunk)
             self.active += 1
             tg.start_soon(self._deliver, chunk)
 
@@ -216,39 +243,48 @@ class SinkRunner:
                 self.metrics.sink_up.labels(self.name).set(1)
                 return
 
-    async def _deliver(self, pairs: Sequence[tuple[Due, Message | None]]) -> None:
-        seqs = [d.seq for d, _ in pairs]
-        chunk = [d for d, _ in pairs]
+    async def _deliver(self, pairs: Sequence[tuple[Claim, Message | None]]) -> None:
+        claims = [c for c, _ in pairs]
+        recorded = False
         try:
-            stored = {d.seq: m for d, m in pairs if m is not None}
-            unknown = [seq for seq in seqs if seq not in stored]
+            stored = {c.seq: m for c, m in pairs if m is not None}
+            unknown = [c.seq for c in claims if c.seq not in stored]
             if unknown:
                 stored.update(await self.journal.messages(unknown))
-            missing = [d for d in chunk if d.seq not in stored]
+            missing = [c for c in claims if c.seq not in stored]
             if missing:
                 # Only a hand-repaired journal can lose a message under its deliveries: end
                 # them, or they would be due again at once, forever.
                 await self.journal.record(
-                    Outcome(d.seq, self.name, "dead", d.attempts, time.time(), "message missing")
-                    for d in missing
+                    Outcome(c.seq, self.name, "dead", c.attempts, c.token, 0.0, "message missing")
+                    for c in missing
                 )
                 log.error(kv("dead-letter", sink=self.name, count=len(missing), reason="missing"))
             batch = [
-                (d, stored[d.seq].with_attempt(d.attempts + 1)) for d in chunk if d.seq in stored
+                (c, stored[c.seq].with_attempt(c.attempts + 1)) for c in claims if c.seq in stored
             ]
             if batch:
                 await self._attempt(batch)
+            recorded = True
         except JournalUnavailable as e:
             # The deliveries stay pending in the journal; pause so a broken disk is not spun on.
             log.error(kv("journal-write-failed", sink=self.name, error=str(e)))
             await anyio.sleep(1.0)
         finally:
-            self.inflight.difference_update(seqs)
-            self._finished.update(seqs)
+            if not recorded:
+                # Cancelled (reload, shutdown) or failed: give the claims back at once rather
+                # than leave them to expire.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                    try:
+                        await self.journal.release(self.name, claims)
+                    except JournalUnavailable:
+                        pass  # they expire instead
+            for c in claims:
+                self.held.pop(c.seq, None)
             self.active -= 1
             self._wake.set()
 
-    async def _attempt(self, batch: list[tuple[Due, Message]]) -> None:
+    async def _attempt(self, batch: list[tuple[Claim, Message]]) -> None:
         messages = [m for _, m in batch]
         start = time.monotonic()
         errors: dict[str, BaseException]
@@ -259,25 +295,26 @@ class SinkRunner:
         except Exception as e:
             errors = {m.message_id: e for m in messages}
         duration = time.monotonic() - start
-        now = time.time()
-
         outcomes: list[Outcome] = []
         events: list[tuple[str, dict[str, Any]]] = []
         for due, message in batch:
             error = errors.get(message.message_id)
             attempts = due.attempts + 1
             if error is None:
-                outcomes.append(Outcome(due.seq, self.name, "delivered", attempts))
+                outcomes.append(Outcome(due.seq, self.name, "delivered", attempts, due.token))
                 events.append(("delivered", {"message": message, "duration": duration}))
                 continue
             decision = decide(self.cfg.retry, attempts, error)
             text = describe_error(error)
             if decision.dead:
-                outcomes.append(Outcome(due.seq, self.name, "dead", attempts, now, text))
+                outcomes.append(Outcome(due.seq, self.name, "dead", attempts, due.token, 0, text))
                 events.append(("dead", {"message": message, "error": error, "text": text}))
             else:
-                at = now + decision.delay
-                outcomes.append(Outcome(due.seq, self.name, "pending", attempts, at, text))
+                outcomes.append(
+                    Outcome(
+                        due.seq, self.name, "pending", attempts, due.token, decision.delay, text
+                    )
+                )
                 events.append(
                     (
                         "retry",
@@ -334,36 +371,77 @@ class SinkRunner:
                 )
 
 
+def router_id() -> str:
+    """A name for this router process, unique across hosts and restarts (the lease owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 class Dispatcher:
-    """The sink runners of the configuration in force; ``reconfigure`` swaps them on reload."""
+    """The sink runners of the configuration in force; ``reconfigure`` swaps them on reload.
+    Renews the leases its runners hold every third of the lease."""
 
     def __init__(self, config: Config, journal: Journal, metrics: Metrics) -> None:
         self.journal = journal
         self.metrics = metrics
+        self.owner = router_id()
+        self.lease = config.journal.lease
         self.runners: dict[str, SinkRunner] = {
             name: self._runner(config, cfg) for name, cfg in config.sinks.items()
         }
+        #: Runners retired by a reload that still finish their deliveries in flight.
+        self._retiring: set[SinkRunner] = set()
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = anyio.Event()
         self._lock = anyio.Lock()
 
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(
-            cfg, cfg.build(config.base_dir), self.journal, config.plugin_manager, self.metrics
+            cfg,
+            cfg.build(config.base_dir),
+            self.journal,
+            config.plugin_manager,
+            self.metrics,
+            self.owner,
+            self.lease,
         )
 
-    def notify(self, sinks: Iterable[str]) -> None:
-        for name in sinks:
-            runner = self.runners.get(name)
-            if runner is not None:
-                runner.notify()
+    def info(self) -> RouterInfo:
+        return RouterInfo(self.owner, socket.gethostname(), os.getpid(), tuple(self.runners))
 
-    def offer(self, seq: int, message: Message, sinks: Iterable[str]) -> None:
-        """A message was just journaled for ``sinks``: hand it to their runners."""
-        for name in sinks:
+    async def register(self) -> None:
+        """Tell the journal this router works on it, with its sinks."""
+        await self.journal.register(self.info(), self.lease)
+
+    def claimable(self, sinks: Iterable[str]) -> list[str]:
+        """Of ``sinks``, those whose runner can take a message just received at once (so the
+        append claims it for this router)."""
+        return [n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room()]
+
+    def offer(self, seq: int, message: Message, claimed: Iterable[str]) -> None:
+        """A message was just journaled and claimed for ``claimed``: hand it to their runners
+        (a runner gone meanwhile by a reload: its claim is given back)."""
+        orphans: list[str] = []
+        for name in claimed:
             runner = self.runners.get(name)
-            if runner is not None:
+            if runner is not None and not runner.stopping:
                 runner.offer(seq, message)
+            else:
+                orphans.append(name)
+        if orphans and self._tg is not None:
+            for name in orphans:
+                self._tg.start_soon(self._release, name, Claim(seq, 0, FIRST_TOKEN))
+
+    async def _release(self, sink: str, claim: Claim) -> None:
+        try:
+            await self.journal.release(sink, [claim])
+        except JournalUnavailable:
+            pass  # it expires instead
+
+    def wake(self, sinks: Iterable[str] | None = None) -> None:
+        """Deliveries may have become due (another router's message, an operator): look."""
+        for name, runner in self.runners.items():
+            if sinks is None or name in sinks:
+                runner.notify()
 
     async def run(self) -> None:
         """Run every runner until ``stop``; returns once their deliveries in flight ended."""
@@ -371,9 +449,33 @@ class Dispatcher:
             self._tg = tg
             for runner in self.runners.values():
                 self._start(runner)
+            renewing = anyio.CancelScope()
+            tg.start_soon(self._renew_periodically, renewing)
             await self._stopping.wait()
             for runner in self.runners.values():
                 runner.stop()
+            await self._drained()
+            renewing.cancel()
+
+    async def _drained(self) -> None:
+        for runner in [*self.runners.values(), *self._retiring]:
+            await runner.done()
+
+    async def _renew_periodically(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self.lease / 3)
+                await self.renew()
+
+    async def renew(self) -> None:
+        """Extend the leases of every delivery a runner of this router holds."""
+        held: dict[str, set[int]] = {}
+        for runner in [*self.runners.values(), *self._retiring]:
+            held.setdefault(runner.name, set()).update(runner.held)
+        try:
+            await self.journal.renew(self.owner, self.lease, held)
+        except JournalUnavailable as e:
+            log.error(kv("lease-renewal-failed", error=str(e)))
 
     def _start(self, runner: SinkRunner) -> None:
         assert self._tg is not None
@@ -386,10 +488,12 @@ class Dispatcher:
         """Move to ``config``'s sinks; return what happened to each changed sink name.
 
         An unchanged sink keeps its runner and its connections. A new sink starts at once. A
-        changed or removed sink takes no new work, finishes what it has in flight (cancelled
-        after ``RETIRE_SECONDS``; what was cancelled stays pending) and is closed; a changed
-        sink's successor then resumes its pending deliveries, while a removed sink's pending
-        deliveries are dead-lettered with that reason."""
+        changed sink's successor starts at once too, beside its predecessor: the journal's
+        claims keep them from sending the same delivery (the predecessor gives back what it
+        had not started). A changed or removed sink takes no new work, finishes what it has
+        in flight in the background (cancelled after ``RETIRE_SECONDS``: given back, still
+        pending) and is closed; a removed sink's pending deliveries are dead-lettered with
+        that reason unless another live router on the journal still has that sink."""
         async with self._lock:
             changes: dict[str, str] = {}
             runners: dict[str, SinkRunner] = {}
@@ -405,22 +509,27 @@ class Dispatcher:
             for runner in retired:
                 changes.setdefault(runner.name, "removed")
             self.runners = runners
-            for name, change in changes.items():
-                if change == "added":
-                    self._start(runners[name])
             for runner in retired:
                 runner.stop()
-            for runner in retired:
-                await runner.retire(RETIRE_SECONDS)
+                self._retiring.add(runner)
+                assert self._tg is not None
+                self._tg.start_soon(self._retire, runner)
             for name, change in changes.items():
-                if change == "changed":
+                if change in ("added", "changed"):
                     self._start(runners[name])
-            removed = await self.journal.dead_letter_sinks_not_in(
+            await self.register()
+            removed = await self.journal.dead_letter_orphaned(
                 runners, "sink removed from the configuration"
             )
             for sink, count in removed.items():
                 log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
             return changes
+
+    async def _retire(self, runner: SinkRunner) -> None:
+        try:
+            await runner.retire(RETIRE_SECONDS)
+        finally:
+            self._retiring.discard(runner)
 
     async def close(self) -> None:
         """Close every sink that was opened; a failure to close is logged, not raised."""

@@ -232,7 +232,7 @@ class Ingress:
         try:
             body_file = None
             if body is None:
-                body_file = rt.journal.directory / await spool.seal()
+                body_file = rt.journal.body_path(await spool.seal())
             message = Message(
                 parsed.message_id,
                 parsed.type,
@@ -244,7 +244,15 @@ class Ingress:
                 body_file=body_file,
                 body_size=size,
             )
-            appended = await rt.journal.append(message, sinks)
+            dispatcher = rt.dispatcher
+            appended = await rt.journal.append(
+                message,
+                sinks,
+                claim_for=dispatcher.claimable(sinks),
+                owner=dispatcher.owner,
+                ordered=rt.config.routes_ordered(sinks),
+                lease=dispatcher.lease,
+            )
             if body_file is not None and not appended.duplicate:
                 spool.path = None  # the journal has it now
         except OSError as e:
@@ -259,7 +267,7 @@ class Ingress:
             log.info(kv("duplicate", id=message.message_id, type=message.type))
             return await respond(send, 200, pong, JSON if pong else None)
 
-        rt.dispatcher.offer(appended.seq, message, sinks)
+        rt.dispatcher.offer(appended.seq, message, appended.claimed)
         status = await respond(send, 200, pong, JSON if pong else None)
         rt.metrics.ack_seconds.observe(time.perf_counter() - start)
         rt.metrics.child(rt.metrics.accepted, message.type).inc()

@@ -122,7 +122,7 @@ class Metrics:
             self.dead.labels(sink).set(c.dead if c else 0)
             oldest = c.oldest_pending_at if c else None
             self.oldest_pending.labels(sink).set(0 if oldest is None else max(0.0, now - oldest))
-        self.journal_bytes.set(journal.size_bytes())
+        self.journal_bytes.set(await journal.size_bytes())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,54 +1,61 @@
 """Operator commands over the journal: status, dead letters, replay, explain.
 
-They open the journal file directly (SQLite in WAL mode lets them run beside the daemon; writes
-wait for the daemon's writer through SQLite's busy timeout). A running daemon notices changes
-(retried dead letters, replays) within ``dispatcher.IDLE_POLL`` seconds. Nothing here reads or
-prints a body.
+They open the journal through its interface (``router.journal``), as the daemon does but
+without its start-up maintenance, so they work on either backend and beside running routers
+(SQLite in WAL mode lets them run beside the daemon; PostgreSQL is shared anyway). A running
+router notices changes (retried dead letters, replays) within ``dispatcher.IDLE_POLL`` seconds.
+A journal whose schema is newer than this version understands is refused. Nothing here reads
+or prints a body.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio
 
 from router.config import Config, parse_duration
-from router.journal import SinkCounts, sink_counts
+from router.errors import JournalUnavailable
+from router.journal import DeadLetter, Filter, Journal, SinkCounts, journal_for
 from router.parse import BadMessage, parse
 from router.routing import matches, route
 
+__all__ = ["DeadLetter", "Filter", "OpsError"]
+
 BATCH = 1000
+T = TypeVar("T")
 
 
 class OpsError(Exception):
     """An operator command cannot proceed; the text says why and what to do."""
 
 
-@contextmanager
-def journal_db(config: Config) -> Iterator[sqlite3.Connection]:
-    """The journal of ``config``, opened for an operator command."""
-    path = config.journal.path / "journal.sqlite3"
-    if not path.exists():
-        raise OpsError(
-            f"no journal at {path}: has `webhook-router serve` run with this configuration?"
-        )
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA foreign_keys=ON")
-    except sqlite3.Error as e:
-        raise OpsError(f"cannot open journal {path}: {e}") from e
-    try:
-        yield conn
-    except sqlite3.Error as e:
-        raise OpsError(f"journal {path}: {e}") from e
-    finally:
-        conn.close()
+def _with_journal(config: Config, fn: Callable[[Journal], Awaitable[T]]) -> T:
+    """Open the journal of ``config`` for an operator command, run ``fn`` on it, close it."""
+
+    async def run() -> T:
+        journal = journal_for(config.journal)
+        try:
+            await journal.open(maintenance=False, create=False)
+        except JournalUnavailable as e:
+            raise OpsError(str(e)) from e
+        try:
+            return await fn(journal)
+        except JournalUnavailable as e:
+            raise OpsError(f"journal {journal.describe()}: {e}") from e
+        finally:
+            await journal.close()
+
+    return anyio.run(run)
+
+
+def type_ok(where: Filter, type_: str) -> bool:
+    return not where.types or any(matches(p, type_) for p in where.types)
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -79,95 +86,61 @@ class SinkStatus:
 
 
 @dataclass(frozen=True)
+class RouterStatus:
+    id: str
+    host: str
+    pid: int
+    sinks: list[str]
+    seen_at: float
+
+
+@dataclass(frozen=True)
 class Status:
     messages: int
     unrouted: int
     duplicates: int
     journal_bytes: int
     sinks: list[SinkStatus]
+    journal: str = ""
+    routers: list[RouterStatus] | None = None
 
 
 def status(config: Config) -> Status:
-    with journal_db(config) as conn:
-        counts = sink_counts(conn)
-        # SQLite takes the bare column from the row holding max(): the latest error.
-        errors = {
-            sink: error
-            for sink, error, _ in conn.execute(
-                """SELECT sink, last_error, max(updated_at) FROM deliveries
-                   WHERE state IN ('pending', 'dead') AND last_error IS NOT NULL
-                   GROUP BY sink"""
+    async def read(journal: Journal) -> Status:
+        st = await journal.status()
+        counts = st.sinks
+        names = list(config.sinks) + sorted(set(counts) - set(config.sinks))
+        sinks = [
+            SinkStatus(
+                name,
+                name in config.sinks,
+                counts.get(name, SinkCounts(0, 0, 0, None)),
+                st.last_errors.get(name),
             )
-        }
-        messages, unrouted, duplicates = conn.execute(
-            "SELECT count(*), coalesce(sum(routed = 0), 0), coalesce(sum(duplicates), 0)"
-            " FROM messages"
-        ).fetchone()
-    names = list(config.sinks) + sorted(set(counts) - set(config.sinks))
-    sinks = [
-        SinkStatus(
-            name,
-            name in config.sinks,
-            counts.get(name, SinkCounts(0, 0, 0, None)),
-            errors.get(name),
+            for name in names
+        ]
+        routers = [
+            RouterStatus(r.id, r.host, r.pid, list(r.sinks), seen) for r, seen in st.routers
+        ]
+        return Status(
+            st.messages,
+            st.unrouted,
+            st.duplicates,
+            st.size_bytes,
+            sinks,
+            journal.describe(),
+            routers,
         )
-        for name in names
-    ]
-    size = sum(
-        p.stat().st_size for p in config.journal.path.glob("journal.sqlite3*") if p.is_file()
-    )
-    return Status(messages, unrouted, duplicates, size, sinks)
+
+    return _with_journal(config, read)
 
 
 # -- dead letters -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Filter:
-    sinks: Sequence[str] = ()
-    types: Sequence[str] = ()  # globs
-    ids: Sequence[str] = ()
-
-    def empty(self) -> bool:
-        return not (self.sinks or self.types or self.ids)
-
-    def where(self, alias_d: str = "d", alias_m: str = "m") -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if self.sinks:
-            clauses.append(f"{alias_d}.sink IN ({','.join('?' * len(self.sinks))})")
-            params += list(self.sinks)
-        if self.ids:
-            clauses.append(f"{alias_m}.message_id IN ({','.join('?' * len(self.ids))})")
-            params += list(self.ids)
-        return (" AND ".join(clauses) or "1"), params
-
-    def type_ok(self, type_: str) -> bool:
-        return not self.types or any(matches(p, type_) for p in self.types)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    seq: int
-    message_id: str
-    type: str
-    sink: str
-    attempts: int
-    dead_at: float
-    error: str | None
-
-
 def dead_letters(config: Config, where: Filter, limit: int | None = None) -> list[DeadLetter]:
-    sql, params = where.where()
-    with journal_db(config) as conn:
-        rows = conn.execute(
-            f"""SELECT d.seq, m.message_id, m.type, d.sink, d.attempts, d.updated_at,
-                       d.last_error
-                FROM deliveries d JOIN messages m USING (seq)
-                WHERE d.state = 'dead' AND {sql} ORDER BY d.updated_at, d.seq""",  # noqa: S608
-            params,
-        ).fetchall()
-    found = [DeadLetter(*row) for row in rows if where.type_ok(row[2])]
+    found = _with_journal(config, lambda journal: journal.dead_letters(where))
+    found = [d for d in found if type_ok(where, d.type)]
     return found[:limit] if limit else found
 
 
@@ -181,18 +154,8 @@ def retry_dead(config: Config, where: Filter, dry_run: bool = False) -> list[Dea
             f"dead letters for sinks not in the configuration: {', '.join(unknown)};"
             " add the sinks back, or narrow with --sink, or use `replay --sink` to another sink"
         )
-    if not dry_run:
-        now = time.time()
-        with journal_db(config) as conn:
-            for chunk in _chunks(found):
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-                    " last_error = NULL, updated_at = ? WHERE seq = ? AND sink = ?"
-                    " AND state = 'dead'",
-                    [(now, now, d.seq, d.sink) for d in chunk],
-                )
-                conn.execute("COMMIT")
+    if not dry_run and found:
+        _with_journal(config, lambda journal: journal.retry_dead(found))
     return found
 
 
@@ -200,21 +163,9 @@ def purge_dead(config: Config, where: Filter, dry_run: bool = False) -> list[Dea
     """Delete matching dead letters. Their messages leave with the next retention sweep once no
     other delivery needs them."""
     found = dead_letters(config, where)
-    if not dry_run:
-        with journal_db(config) as conn:
-            for chunk in _chunks(found):
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "DELETE FROM deliveries WHERE seq = ? AND sink = ? AND state = 'dead'",
-                    [(d.seq, d.sink) for d in chunk],
-                )
-                conn.execute("COMMIT")
+    if not dry_run and found:
+        _with_journal(config, lambda journal: journal.purge_dead(found))
     return found
-
-
-def _chunks(items: Sequence[DeadLetter]) -> Iterator[Sequence[DeadLetter]]:
-    for i in range(0, len(items), BATCH):
-        yield items[i : i + BATCH]
 
 
 # -- replay -----------------------------------------------------------------------------------
@@ -241,48 +192,29 @@ def replay(
     unknown = sorted(set(where.sinks) - set(config.sinks))
     if unknown:
         raise OpsError(f"no sink named {', '.join(unknown)} in the configuration")
-    until = time.time() if until is None else until
-    with journal_db(config) as conn:
-        rows = conn.execute(
-            "SELECT seq, type, order_key FROM messages WHERE received_at >= ? AND received_at < ?"
-            " ORDER BY seq",
-            (since, until),
-        ).fetchall()
+    end = time.time() if until is None else until
+
+    async def run(journal: Journal) -> ReplayPlan:
+        rows = await journal.stored_messages(since, end)
         chosen = [
-            (seq, order_key, tuple(where.sinks) or route(config.routes, type_))
-            for seq, type_, order_key in rows
-            if where.type_ok(type_)
+            (m, tuple(where.sinks) or route(config.routes, m.type))
+            for m in rows
+            if type_ok(where, m.type)
         ]
         by_sink: dict[str, int] = {}
-        for _, _, sinks in chosen:
+        for _, sinks in chosen:
             for sink in sinks:
                 by_sink[sink] = by_sink.get(sink, 0) + 1
         plan = ReplayPlan(len(chosen), sum(by_sink.values()), by_sink)
         if dry_run:
             return plan
-        now = time.time()
-        done = 0
         for i in range(0, len(chosen), BATCH):
-            chunk = chosen[i : i + BATCH]
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                """INSERT INTO deliveries (seq, sink, order_key, state, attempts,
-                       next_attempt_at, updated_at)
-                   VALUES (?, ?, ?, 'pending', 0, ?, ?)
-                   ON CONFLICT (seq, sink) DO UPDATE SET state = 'pending', attempts = 0,
-                       next_attempt_at = excluded.next_attempt_at, last_error = NULL,
-                       updated_at = excluded.updated_at""",
-                [(seq, sink, key, now, now) for seq, key, sinks in chunk for sink in sinks],
-            )
-            conn.executemany(
-                "UPDATE messages SET routed = 1 WHERE seq = ?",
-                [(seq,) for seq, _, sinks in chunk if sinks],
-            )
-            conn.execute("COMMIT")
-            done += len(chunk)
+            await journal.redeliver(chosen[i : i + BATCH])
             if progress is not None:
-                progress(done, len(chosen))
-    return plan
+                progress(min(i + BATCH, len(chosen)), len(chosen))
+        return plan
+
+    return _with_journal(config, run)
 
 
 # -- explain ----------------------------------------------------------------------------------

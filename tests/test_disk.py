@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from router.config import Config, load_config
-from router.journal import Journal
+from router.journal.sqlite import SQLiteJournal as Journal
 from router.message import Message
 from router.testing import Recorder, RunningRouter, body_for, running_router, write_config
 from tests.conftest import base_config, query_journal, signed

@@ -38,7 +38,7 @@ from router.auth import Verifier
 from router.config import load_config
 from router.dispatcher import Dispatcher
 from router.ingress import Ingress, Runtime
-from router.journal import Journal
+from router.journal.sqlite import SQLiteJournal as Journal
 from router.metrics import Metrics
 from router.testing import sign, write_config
 from tests.conftest import TEST_KEY, base_config, query_journal

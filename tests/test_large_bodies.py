@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from router.config import Config
-from router.journal import Journal
+from router.journal.sqlite import SQLiteJournal as Journal
 from router.message import Message
 from router.spool import SPOOL_THRESHOLD
 from router.testing import Recorder, body_for, running_router, sign

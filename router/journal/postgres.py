@@ -1,0 +1,1 @@
+from router.journal.base import Journal as PostgresJournal  # placeholder

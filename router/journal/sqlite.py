@@ -1,0 +1,807 @@
+"""The embedded journal: one SQLite file, for one host (the default).
+
+SQLite in WAL mode with ``synchronous=FULL``: a commit returns only after the write-ahead log is
+fsync'd. All writes of a process go through one writer thread (``groupcommit``) that commits
+whatever is queued as one transaction, so concurrent requests share one fsync, and a failed
+commit fails every write of the batch (nothing half-stored). Reads run in worker threads on
+their own connections, which WAL lets proceed beside the writer. Several processes may share
+the file (``BEGIN IMMEDIATE`` waits for the other writers through the busy timeout): one
+writer at a time means rows are allocated in commit order.
+
+Tables: ``messages`` holds each message once (raw body bytes verbatim, the meta fields, receive
+time, a duplicate counter); ``deliveries`` holds one row per (message, sink) with its state,
+attempts, next-attempt time and its claim (``lease_owner``, ``lease_until``, ``token``);
+``routers`` the processes working on the journal and their sinks.
+
+A small body lives in the ``body`` column; a large one in a file under ``bodies/`` named by
+``body_file`` (see ``router.spool``), removed with its message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from router.errors import JournalUnavailable
+from router.journal.base import (
+    DEFAULT_LEASE,
+    FIRST_TOKEN,
+    Appended,
+    Claim,
+    DeadLetter,
+    Filter,
+    Journal,
+    JournalStatus,
+    Outcome,
+    RouterInfo,
+    SinkCounts,
+    StoredMessage,
+)
+from router.journal.groupcommit import GroupCommit
+from router.message import Message
+
+log = logging.getLogger("router.journal")
+
+SCHEMA_VERSION = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    "when" TEXT,
+    request_id TEXT,
+    received_at REAL NOT NULL,
+    body BLOB,
+    body_file TEXT,
+    body_size INTEGER NOT NULL,
+    routed INTEGER NOT NULL,
+    order_key TEXT NOT NULL DEFAULT '',
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    last_duplicate_at REAL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    sink TEXT NOT NULL,
+    order_key TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    token INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (seq, sink)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (sink, next_attempt_at, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_order
+    ON deliveries (sink, order_key, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (sink, seq) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS deliveries_leased
+    ON deliveries (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_unrouted ON messages (seq) WHERE routed = 0;
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE TABLE IF NOT EXISTS routers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at REAL NOT NULL,
+    alive_until REAL NOT NULL,
+    sinks TEXT NOT NULL
+);
+"""
+#: Schema 1 → 2: claims and leases instead of in-memory in-flight sets.
+_MIGRATE_1 = """
+ALTER TABLE deliveries ADD COLUMN lease_owner TEXT;
+ALTER TABLE deliveries ADD COLUMN lease_until REAL;
+ALTER TABLE deliveries ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
+"""
+
+#: The database's clock, in seconds since the epoch (one clock for every process on the file).
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_FREE = "(d.lease_until IS NULL OR d.lease_until <= :now)"
+# The head of each order key: no earlier pending delivery to the same sink with the same key.
+_HEAD = """NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.sink = d.sink
+    AND e.order_key = d.order_key AND e.state = 'pending' AND e.seq < d.seq)"""
+_CLAIM = f"""UPDATE deliveries SET lease_owner = :owner, lease_until = :now + :lease,
+        token = token + 1
+    WHERE sink = :sink AND seq IN (
+        SELECT d.seq FROM deliveries d
+        WHERE d.sink = :sink AND d.state = 'pending' AND d.next_attempt_at <= :now AND {_FREE}
+        ORDER BY d.next_attempt_at, d.seq LIMIT :limit)
+    RETURNING seq, attempts, token"""  # noqa: S608
+_CLAIM_ORDERED = f"""UPDATE deliveries SET lease_owner = :owner, lease_until = :now + :lease,
+        token = token + 1
+    WHERE sink = :sink AND seq IN (
+        SELECT d.seq FROM deliveries d
+        WHERE d.sink = :sink AND d.state = 'pending' AND d.next_attempt_at <= :now AND {_FREE}
+            AND {_HEAD}
+        ORDER BY d.seq LIMIT :limit)
+    RETURNING seq, attempts, token"""  # noqa: S608
+# When something can be claimed: the earliest unleased due time, or the earliest lease end.
+_NEXT_FREE = """SELECT next_attempt_at FROM deliveries
+    WHERE sink = :sink AND state = 'pending' AND lease_until IS NULL
+    ORDER BY next_attempt_at, seq LIMIT 1"""
+_NEXT_LEASED = """SELECT min(max(next_attempt_at, lease_until)) FROM deliveries
+    WHERE lease_owner IS NOT NULL AND sink = :sink AND state = 'pending'"""
+_NEXT_ORDERED = f"""SELECT min(max(d.next_attempt_at, coalesce(d.lease_until, 0)))
+    FROM deliveries d
+    WHERE d.sink = :sink AND d.state = 'pending' AND {_HEAD}"""  # noqa: S608
+_COUNTS = """SELECT d.sink, sum(d.attempts = 0), sum(d.attempts > 0), min(m.received_at),
+        sum(d.lease_until > :now)
+    FROM deliveries d JOIN messages m USING (seq)
+    WHERE d.state = 'pending' GROUP BY d.sink"""
+_HOLDERS = """SELECT DISTINCT sink, lease_owner FROM deliveries
+    WHERE lease_owner IS NOT NULL AND lease_until > :now AND state = 'pending'"""
+_BLOCKED = f"""SELECT d.sink, count(*) FROM deliveries d
+    WHERE d.state = 'pending' AND d.attempts > 0 AND {_HEAD} GROUP BY d.sink"""  # noqa: S608
+
+
+#: What the error for a damaged journal file tells the operator to do.
+RECOVERY = (
+    "stop, move the journal folder aside and rebuild it with `sqlite3 DAMAGED .recover | sqlite3"
+    ' NEW` (or .dump): see "Recovering a damaged journal" in the README'
+)
+
+
+def _damaged(e: BaseException) -> str:
+    """The way out, when SQLite reports the file as damaged or not a database."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    return f": the file is damaged, {RECOVERY}" if code in (11, 26) else ""  # CORRUPT, NOTADB
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Statement by statement (``executescript`` would commit the transaction first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _now(conn: sqlite3.Connection) -> float:
+    return float(conn.execute(f"SELECT {NOW}").fetchone()[0])  # noqa: S608
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class SQLiteJournal(Journal):
+    """The durable message and delivery store in one SQLite file. Open with ``await
+    journal.open()``."""
+
+    kind = "sqlite"
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "journal.sqlite3"
+        self._bodies = directory / "bodies"
+        self._writer: GroupCommit | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._writer is not None and self._writer.healthy
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, *, maintenance: bool = True, create: bool = True) -> None:
+        await anyio.to_thread.run_sync(self._open_sync, maintenance, create)
+        self._writer = GroupCommit(self._conn, "journal-writer")
+
+    def _open_sync(self, maintenance: bool = True, create: bool = True) -> None:
+        if not create and not self.path.exists():
+            raise JournalUnavailable(
+                f"no journal at {self.path}: has `webhook-router serve` run with this"
+                " configuration?"
+            )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = _connect(self.path)
+        except (sqlite3.Error, OSError) as e:
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
+        try:
+            self.path.chmod(0o600)
+            conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalUnavailable(
+                    f"journal {self.path} has schema {version}, newer than this version "
+                    f"understands ({SCHEMA_VERSION}): upgrade webhook-router"
+                )
+            # Checked before anything is written, so a damaged file is left as it was found.
+            check = " ".join(conn.execute("PRAGMA quick_check").fetchone()[0].split())
+            if check != "ok":
+                raise JournalUnavailable(f"journal {self.path} is damaged: {check}; {RECOVERY}")
+            if version == 0:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
+            if version == 1:
+                _run_script(conn, _MIGRATE_1)
+                log.info("journal migrated from schema 1 to %d (claims and leases)", SCHEMA_VERSION)
+            _run_script(conn, _SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except (sqlite3.Error, OSError, JournalUnavailable) as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            conn.close()
+            if isinstance(e, JournalUnavailable):
+                raise
+            raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
+        if maintenance:
+            try:
+                self._remove_orphan_bodies(conn)
+            except OSError as e:
+                log.warning("could not clear unreferenced stored files: %s", e.strerror)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
+        self._local = threading.local()
+        if hasattr(self, "_conn"):
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("journal checkpoint at close failed: %s", e)
+            self._conn.close()
+            del self._conn
+
+    def alive(self) -> bool:
+        return self._writer is not None and self._writer.alive()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._writer is None:
+            raise JournalUnavailable("journal is not open")
+        return await self._writer.submit(fn)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as e:
+                raise JournalUnavailable(f"journal read failed: {e}") from e
+
+        return await anyio.to_thread.run_sync(run)
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        message: Message,
+        sinks: Sequence[str],
+        *,
+        claim_for: Collection[str] = (),
+        owner: str = "",
+        ordered: bool = False,
+        lease: float = DEFAULT_LEASE,
+    ) -> Appended:
+        # One writer at a time on the file: rows are allocated in commit order already, so
+        # ``ordered`` needs nothing more here.
+        row = (
+            message.message_id,
+            message.type,
+            message.when,
+            message.request_id,
+            message.received_at,
+            message.body if message.in_memory else None,
+            self._relative(message.body_file),
+            message.body_size,
+            1 if sinks else 0,
+            message.order_key,
+        )
+        claimed = tuple(s for s in sinks if s in claim_for) if owner else ()
+
+        def write(conn: sqlite3.Connection) -> Appended:
+            seq, duplicates = conn.execute(
+                """INSERT INTO messages (message_id, type, "when", request_id, received_at,
+                       body, body_file, body_size, routed, order_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (message_id) DO UPDATE
+                       SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
+                   RETURNING seq, duplicates""",
+                row,
+            ).fetchone()
+            if duplicates:
+                return Appended(seq, duplicate=True)
+            at = message.received_at
+            until = _now(conn) + lease if claimed else None
+            conn.executemany(
+                "INSERT INTO deliveries (seq, sink, order_key, state, next_attempt_at, updated_at,"
+                " lease_owner, lease_until, token) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                [
+                    (seq, sink, message.order_key, at, at, owner, until, FIRST_TOKEN)
+                    if sink in claimed
+                    else (seq, sink, message.order_key, at, at, None, None, 0)
+                    for sink in sinks
+                ],
+            )
+            return Appended(seq, duplicate=False, claimed=claimed)
+
+        result: Appended = await self._write(write)
+        return result
+
+    def _relative(self, body_file: Path | None) -> str | None:
+        if body_file is None:
+            return None
+        return str(body_file.relative_to(self.directory))
+
+    @property
+    def bodies(self) -> Path:
+        """Where large bodies are stored, one file each (see ``router.spool``)."""
+        return self._bodies
+
+    def body_path(self, name: str) -> Path:
+        return self.directory / name
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def claim(
+        self, sink: str, owner: str, limit: int, *, ordered: bool, lease: float
+    ) -> list[Claim]:
+        sql = _CLAIM_ORDERED if ordered else _CLAIM
+
+        def write(conn: sqlite3.Connection) -> list[Claim]:
+            params = {"sink": sink, "owner": owner, "limit": limit, "lease": lease}
+            params["now"] = _now(conn)
+            rows = conn.execute(sql, params).fetchall()
+            return [Claim(seq, attempts, token) for seq, attempts, token in sorted(rows)]
+
+        result: list[Claim] = await self._write(write)
+        return result
+
+    async def record(self, outcomes: Iterable[Outcome]) -> int:
+        # Outcomes alike but for their row (a batch delivered at once, most of the time) go in
+        # one statement: SQLite does the per-row work in C, and the writer thread hands the
+        # GIL back and forth once per statement, not once per row.
+        alike: dict[tuple[str, str, int, float, str | None, int], list[int]] = {}
+        for o in outcomes:
+            key = (o.sink, o.state, o.attempts, o.delay, o.error, o.token)
+            alike.setdefault(key, []).append(o.seq)
+        if not alike:
+            return 0
+
+        def write(conn: sqlite3.Connection) -> int:
+            now = _now(conn)
+            stored = 0
+            for (sink, state, attempts, delay, error, token), seqs in alike.items():
+                stored += conn.execute(
+                    "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?,"
+                    " last_error = ?, updated_at = ?, lease_owner = NULL, lease_until = NULL"
+                    " WHERE sink = ? AND seq IN (SELECT value FROM json_each(?)) AND token = ?",
+                    (state, attempts, now + delay, error, now, sink, json.dumps(seqs), token),
+                ).rowcount
+            return stored
+
+        result: int = await self._write(write)
+        return result
+
+    async def release(self, sink: str, claims: Iterable[Claim]) -> None:
+        rows = [(sink, c.seq, c.token) for c in claims]
+        if not rows:
+            return
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL"
+                " WHERE sink = ? AND seq = ? AND token = ? AND state = 'pending'",
+                rows,
+            )
+
+        await self._write(write)
+
+    async def renew(self, owner: str, lease: float, held: Mapping[str, Collection[int]]) -> None:
+        rows = [(sink, json.dumps(sorted(seqs))) for sink, seqs in held.items() if seqs]
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now(conn)
+            conn.executemany(
+                "UPDATE deliveries SET lease_until = ? WHERE lease_owner = ? AND sink = ?"
+                " AND seq IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+                [(now + lease, owner, sink, seqs) for sink, seqs in rows],
+            )
+            conn.execute(
+                "UPDATE routers SET seen_at = ?, alive_until = ? WHERE id = ?",
+                (now, now + lease, owner),
+            )
+
+        await self._write(write)
+
+    async def next_due_in(self, sink: str, *, ordered: bool) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            params = {"sink": sink}
+            if ordered:
+                found = [conn.execute(_NEXT_ORDERED, params).fetchone()]
+            else:
+                found = [
+                    conn.execute(_NEXT_FREE, params).fetchone(),
+                    conn.execute(_NEXT_LEASED, params).fetchone(),
+                ]
+            times = [row[0] for row in found if row is not None and row[0] is not None]
+            return None if not times else max(0.0, min(times) - _now(conn))
+
+        result: float | None = await self._read(read)
+        return result
+
+    async def messages(self, seqs: Sequence[int]) -> dict[int, Message]:
+        def read(conn: sqlite3.Connection) -> dict[int, Message]:
+            marks = ",".join("?" * len(seqs))
+            rows = conn.execute(
+                f"""SELECT seq, message_id, type, "when", request_id, received_at, body,
+                           body_file, order_key, body_size
+                    FROM messages WHERE seq IN ({marks})""",  # noqa: S608
+                list(seqs),
+            ).fetchall()
+            found = {}
+            for seq, mid, type_, when, request_id, received_at, body, body_file, key, size in rows:
+                found[seq] = Message(
+                    mid,
+                    type_,
+                    when,
+                    None if body is None else bytes(body),
+                    received_at,
+                    request_id,
+                    order_key=key,
+                    body_file=None if body_file is None else self.directory / body_file,
+                    body_size=size,
+                )
+            return found
+
+        result: dict[int, Message] = await self._read(read)
+        return result
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    async def register(self, router: RouterInfo, lease: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now(conn)
+            gone = [
+                rid
+                for rid, pid in conn.execute(
+                    "SELECT id, pid FROM routers WHERE host = ? AND id != ?",
+                    (router.host, router.id),
+                )
+                if _process_gone(pid)
+            ]
+            for rid in gone:
+                _forget(conn, rid)
+            conn.execute(
+                """INSERT INTO routers (id, host, pid, started_at, seen_at, alive_until, sinks)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at,
+                       alive_until = excluded.alive_until, sinks = excluded.sinks""",
+                (router.id, router.host, router.pid, now, now, now + lease, json.dumps(router.sinks)),
+            )
+            # Routers not seen for a day are history.
+            conn.execute("DELETE FROM routers WHERE alive_until < ?", (now - 86400,))
+
+        await self._write(write)
+
+    async def unregister(self, router_id: str) -> None:
+        await self._write(lambda conn: _forget(conn, router_id))
+
+    async def dead_letter_orphaned(self, sinks: Collection[str], reason: str) -> dict[str, int]:
+        def write(conn: sqlite3.Connection) -> dict[str, int]:
+            now = _now(conn)
+            known = set(sinks)
+            for (names,) in conn.execute(
+                "SELECT sinks FROM routers WHERE alive_until > ?", (now,)
+            ):
+                known.update(json.loads(names))
+            names = sorted(known)
+            marks = ",".join("?" * len(names))
+            found = dict(
+                conn.execute(
+                    f"SELECT sink, count(*) FROM deliveries WHERE state = 'pending'"  # noqa: S608
+                    f" AND sink NOT IN ({marks}) GROUP BY sink",
+                    names,
+                ).fetchall()
+            )
+            if found:
+                conn.execute(
+                    f"UPDATE deliveries SET state = 'dead', last_error = ?, updated_at = ?,"  # noqa: S608
+                    f" lease_owner = NULL, lease_until = NULL"
+                    f" WHERE state = 'pending' AND sink NOT IN ({marks})",
+                    [reason, now, *names],
+                )
+            return found
+
+        result: dict[str, int] = await self._write(write)
+        return result
+
+    async def sink_counts(self) -> dict[str, SinkCounts]:
+        result: dict[str, SinkCounts] = await self._read(_sink_counts)
+        return result
+
+    async def size_bytes(self) -> int:
+        return await anyio.to_thread.run_sync(self._size_bytes)
+
+    def _size_bytes(self) -> int:
+        """The database, its write-ahead log, and the bodies stored beside it."""
+        total = 0
+        for path in self.directory.glob(f"{self.path.name}*"):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        if self.bodies.is_dir():
+            for path in self.bodies.iterdir():
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+        return total
+
+    async def sweep(self, retention: float, now: float | None = None, batch: int = 1000) -> int:
+        cutoff = (time.time() if now is None else now) - retention
+        removed = 0
+        while True:
+
+            def write(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+                rows = conn.execute(
+                    """SELECT m.seq, m.body_file FROM messages m
+                       WHERE m.received_at < ? AND m.routed = 1 AND NOT EXISTS (
+                           SELECT 1 FROM deliveries d
+                           WHERE d.seq = m.seq AND d.state != 'delivered')
+                       ORDER BY m.seq LIMIT ?""",
+                    (cutoff, batch),
+                ).fetchall()
+                seqs = [seq for seq, _ in rows]
+                marks = ",".join("?" * len(seqs))
+                conn.execute(f"DELETE FROM deliveries WHERE seq IN ({marks})", seqs)  # noqa: S608
+                conn.execute(f"DELETE FROM messages WHERE seq IN ({marks})", seqs)  # noqa: S608
+                return len(seqs), [name for _, name in rows if name]
+
+            count: int
+            files: list[str]
+            count, files = await self._write(write)
+            # Only after the commit: a crash before it keeps both row and file.
+            await anyio.to_thread.run_sync(self._unlink, files)
+            removed += count
+            if count < batch:
+                break
+        if removed:
+            await self._write(lambda conn: conn.execute("PRAGMA incremental_vacuum(2000)"))
+        return removed
+
+    def _unlink(self, names: Iterable[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).unlink()
+
+    def _remove_orphan_bodies(self, conn: sqlite3.Connection) -> None:
+        """Body files no message refers to: left by a crash between storing a large body and
+        committing its message (which was then never answered 200). Files still being
+        received by another process on the file (``incoming-*``) are left alone while fresh."""
+        if not self.bodies.is_dir():
+            return
+        # IS NOT NULL: a bare ``WHERE body_file`` reads the text as a number (0: false).
+        kept = {
+            row[0]
+            for row in conn.execute("SELECT body_file FROM messages WHERE body_file IS NOT NULL")
+        }
+        young = time.time() - 3600
+        for path in self.bodies.iterdir():
+            if f"bodies/{path.name}" in kept:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < young or not _others_alive(conn):
+                    path.unlink()
+
+    # -- operator --------------------------------------------------------------------------
+
+    async def status(self) -> JournalStatus:
+        def read(conn: sqlite3.Connection) -> JournalStatus:
+            counts = _sink_counts(conn)
+            # SQLite takes the bare column from the row holding max(): the latest error.
+            errors = {
+                sink: error
+                for sink, error, _ in conn.execute(
+                    """SELECT sink, last_error, max(updated_at) FROM deliveries
+                       WHERE state IN ('pending', 'dead') AND last_error IS NOT NULL
+                       GROUP BY sink"""
+                )
+            }
+            messages, unrouted, duplicates = conn.execute(
+                "SELECT count(*), coalesce(sum(routed = 0), 0), coalesce(sum(duplicates), 0)"
+                " FROM messages"
+            ).fetchone()
+            routers = [
+                (RouterInfo(rid, host, pid, tuple(json.loads(sinks))), seen)
+                for rid, host, pid, sinks, seen in conn.execute(
+                    "SELECT id, host, pid, sinks, seen_at FROM routers WHERE alive_until > ?"
+                    " ORDER BY started_at",
+                    (_now(conn),),
+                )
+            ]
+            return JournalStatus(messages, unrouted, duplicates, 0, counts, errors, routers)
+
+        result: JournalStatus = await self._read(read)
+        size = await self.size_bytes()
+        return JournalStatus(
+            result.messages,
+            result.unrouted,
+            result.duplicates,
+            size,
+            result.sinks,
+            result.last_errors,
+            result.routers,
+        )
+
+    async def dead_letters(self, where: Filter) -> list[DeadLetter]:
+        clauses, params = ["d.state = 'dead'"], []
+        if where.sinks:
+            clauses.append(f"d.sink IN ({','.join('?' * len(where.sinks))})")
+            params += list(where.sinks)
+        if where.ids:
+            clauses.append(f"m.message_id IN ({','.join('?' * len(where.ids))})")
+            params += list(where.ids)
+
+        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                f"""SELECT d.seq, m.message_id, m.type, d.sink, d.attempts, d.updated_at,
+                           d.last_error
+                    FROM deliveries d JOIN messages m USING (seq)
+                    WHERE {" AND ".join(clauses)} ORDER BY d.updated_at, d.seq""",  # noqa: S608
+                params,
+            ).fetchall()
+            return [DeadLetter(*row) for row in rows]
+
+        result: list[DeadLetter] = await self._read(read)
+        return result
+
+    async def retry_dead(self, letters: Sequence[DeadLetter]) -> None:
+        for i in range(0, len(letters), 1000):
+            rows = [(d.seq, d.sink) for d in letters[i : i + 1000]]
+
+            def write(conn: sqlite3.Connection, rows: list[tuple[int, str]] = rows) -> None:
+                now = _now(conn)
+                conn.executemany(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                    " last_error = NULL, updated_at = ? WHERE seq = ? AND sink = ?"
+                    " AND state = 'dead'",
+                    [(now, now, seq, sink) for seq, sink in rows],
+                )
+
+            await self._write(write)
+
+    async def purge_dead(self, letters: Sequence[DeadLetter]) -> None:
+        for i in range(0, len(letters), 1000):
+            rows = [(d.seq, d.sink) for d in letters[i : i + 1000]]
+
+            def write(conn: sqlite3.Connection, rows: list[tuple[int, str]] = rows) -> None:
+                conn.executemany(
+                    "DELETE FROM deliveries WHERE seq = ? AND sink = ? AND state = 'dead'", rows
+                )
+
+            await self._write(write)
+
+    async def stored_messages(self, since: float, until: float) -> list[StoredMessage]:
+        def read(conn: sqlite3.Connection) -> list[StoredMessage]:
+            rows = conn.execute(
+                "SELECT seq, type, order_key FROM messages"
+                " WHERE received_at >= ? AND received_at < ? ORDER BY seq",
+                (since, until),
+            ).fetchall()
+            return [StoredMessage(*row) for row in rows]
+
+        result: list[StoredMessage] = await self._read(read)
+        return result
+
+    async def redeliver(self, chosen: Sequence[tuple[StoredMessage, Sequence[str]]]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            now = _now(conn)
+            conn.executemany(
+                """INSERT INTO deliveries (seq, sink, order_key, state, attempts,
+                       next_attempt_at, updated_at)
+                   VALUES (?, ?, ?, 'pending', 0, ?, ?)
+                   ON CONFLICT (seq, sink) DO UPDATE SET state = 'pending', attempts = 0,
+                       next_attempt_at = excluded.next_attempt_at, last_error = NULL,
+                       updated_at = excluded.updated_at""",
+                [(m.seq, sink, m.order_key, now, now) for m, sinks in chosen for sink in sinks],
+            )
+            conn.executemany(
+                "UPDATE messages SET routed = 1 WHERE seq = ?",
+                [(m.seq,) for m, sinks in chosen if sinks],
+            )
+
+        await self._write(write)
+
+
+def _sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
+    """Pending, retrying, dead and leased counts, the oldest pending receipt time, the lease
+    holders and the blocked ordered lanes, per sink."""
+    now = _now(conn)
+    counts: dict[str, dict[str, Any]] = {}
+
+    def entry(sink: str) -> dict[str, Any]:
+        return counts.setdefault(
+            sink,
+            {"pending": 0, "retrying": 0, "dead": 0, "oldest_pending_at": None, "leased": 0},
+        )
+
+    for sink, fresh, retrying, oldest, leased in conn.execute(_COUNTS, {"now": now}):
+        entry(sink).update(
+            pending=fresh, retrying=retrying, oldest_pending_at=oldest, leased=leased or 0
+        )
+    for sink, dead in conn.execute(
+        "SELECT sink, count(*) FROM deliveries WHERE state = 'dead' GROUP BY sink"
+    ):
+        entry(sink)["dead"] = dead
+    holders: dict[str, list[str]] = {}
+    for sink, owner in conn.execute(_HOLDERS, {"now": now}):
+        holders.setdefault(sink, []).append(owner)
+    blocked = dict(conn.execute(_BLOCKED).fetchall())
+    return {
+        sink: SinkCounts(
+            **values,
+            holders=tuple(sorted(holders.get(sink, ()))),
+            blocked_lanes=blocked.get(sink, 0),
+        )
+        for sink, values in counts.items()
+    }
+
+
+def _forget(conn: sqlite3.Connection, router_id: str) -> None:
+    conn.execute(
+        "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        (router_id,),
+    )
+    conn.execute("DELETE FROM routers WHERE id = ?", (router_id,))
+
+
+def _others_alive(conn: sqlite3.Connection) -> bool:
+    """Whether another live process works on this journal file."""
+    me = os.getpid()
+    host = socket.gethostname()
+    return any(
+        not (h == host and pid == me) and not (h == host and _process_gone(pid))
+        for h, pid in conn.execute(
+            f"SELECT host, pid FROM routers WHERE alive_until > {NOW}"  # noqa: S608
+        )
+    )
