@@ -75,6 +75,7 @@ class SinkRunner:
         self._fresh: dict[int, Message] = {}
         self._fresh_bytes = 0
         self._next_journal_look = 0.0
+        self._fresh_turn = False
         self.active = 0
         self.opened = False
         self.stopping = False
@@ -202,16 +203,23 @@ class SinkRunner:
             self._start(tg, self._take_fresh(free * size))
             return 0.0
         self._next_journal_look = time.monotonic() + JOURNAL_LOOK
-        claims = await self.journal.claim(
-            self.name, self.owner, free * size, ordered=self.cfg.ordered, lease=self.lease
-        )
-        if claims:
-            for c in claims:
-                self.held[c.seq] = c
-            self._start(tg, [(c, None) for c in claims])
-            return 0.0
-        if self._fresh:
-            self._start(tg, self._take_fresh(free * size))
+        # Both kinds share this round: the journal's (retries due, other routers' messages)
+        # and the ones at hand, so a stream of failing retries never starves fresh messages
+        # nor the other way round (alternating when only one delivery can start).
+        room = free * size
+        self._fresh_turn = not self._fresh_turn
+        share = min(len(self._fresh), room // 2 if room > 1 else int(self._fresh_turn))
+        claims = []
+        if room - share > 0:
+            claims = await self.journal.claim(
+                self.name, self.owner, room - share, ordered=self.cfg.ordered, lease=self.lease
+            )
+        for c in claims:
+            self.held[c.seq] = c
+        due: list[tuple[Claim, Message | None]] = [(c, None) for c in claims]
+        due += self._take_fresh(room - len(due))
+        if due:
+            self._start(tg, due)
             return 0.0
         return await self.journal.next_due_in(self.name, ordered=self.cfg.ordered)
 

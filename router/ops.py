@@ -107,7 +107,7 @@ class Status:
 
 def status(config: Config) -> Status:
     async def read(journal: Journal) -> Status:
-        st = await journal.status()
+        st = await journal.status([n for n, c in config.sinks.items() if c.ordered])
         counts = st.sinks
         names = list(config.sinks) + sorted(set(counts) - set(config.sinks))
         sinks = [

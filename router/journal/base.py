@@ -276,7 +276,8 @@ class Journal(abc.ABC):
     # -- operator -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def status(self) -> JournalStatus: ...
+    async def status(self, ordered: Collection[str] = ()) -> JournalStatus:
+        """Journal-wide figures; ``blocked_lanes`` counted for the ``ordered`` sinks."""
 
     @abc.abstractmethod
     async def dead_letters(self, where: Filter) -> list[DeadLetter]:

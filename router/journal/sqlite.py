@@ -146,8 +146,8 @@ _COUNTS = """SELECT d.sink, sum(d.attempts = 0), sum(d.attempts > 0), min(m.rece
     WHERE d.state = 'pending' GROUP BY d.sink"""
 _HOLDERS = """SELECT DISTINCT sink, lease_owner FROM deliveries
     WHERE lease_owner IS NOT NULL AND lease_until > :now AND state = 'pending'"""
-_BLOCKED = f"""SELECT d.sink, count(*) FROM deliveries d
-    WHERE d.state = 'pending' AND d.attempts > 0 AND {_HEAD} GROUP BY d.sink"""  # noqa: S608
+_BLOCKED = f"""SELECT count(*) FROM deliveries d
+    WHERE d.sink = ? AND d.state = 'pending' AND d.attempts > 0 AND {_HEAD}"""  # noqa: S608
 
 
 #: What the error for a damaged journal file tells the operator to do.
@@ -635,9 +635,9 @@ class SQLiteJournal(Journal):
 
     # -- operator --------------------------------------------------------------------------
 
-    async def status(self) -> JournalStatus:
+    async def status(self, ordered: Collection[str] = ()) -> JournalStatus:
         def read(conn: sqlite3.Connection) -> JournalStatus:
-            counts = _sink_counts(conn)
+            counts = _sink_counts(conn, ordered)
             # SQLite takes the bare column from the row holding max(): the latest error.
             errors = {
                 sink: error
@@ -753,7 +753,7 @@ class SQLiteJournal(Journal):
         await self._write(write)
 
 
-def _sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
+def _sink_counts(conn: sqlite3.Connection, ordered: Collection[str] = ()) -> dict[str, SinkCounts]:
     """Pending, retrying, dead and leased counts, the oldest pending receipt time, the lease
     holders and the blocked ordered lanes, per sink."""
     now = _now(conn)
@@ -776,7 +776,7 @@ def _sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
     holders: dict[str, list[str]] = {}
     for sink, owner in conn.execute(_HOLDERS, {"now": now}):
         holders.setdefault(sink, []).append(owner)
-    blocked = dict(conn.execute(_BLOCKED).fetchall())
+    blocked = {sink: conn.execute(_BLOCKED, (sink,)).fetchone()[0] for sink in ordered}
     return {
         sink: SinkCounts(
             **values,
