@@ -2,7 +2,8 @@
 
 Start: open the journal (recovery is implicit: pending deliveries are simply due), dead-letter
 deliveries to sinks that no longer exist, bind the listeners, start the dispatcher, report
-READY. SIGHUP: reload (validate everything first; on any error keep the running configuration).
+READY. SIGHUP: reload (validate and build everything first; on any error keep the running
+configuration; else switch at once, retiring changed and removed sinks in the background).
 SIGTERM/SIGINT: stop accepting, let requests in flight finish (hypercorn's graceful timeout),
 let deliveries in flight finish (bounded), close sinks, checkpoint and close the journal.
 Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC`` asks for it.
@@ -150,18 +151,16 @@ class Daemon:
             new = await anyio.to_thread.run_sync(
                 functools.partial(load_config, old.file, extra_plugins=old.extra_plugins)
             )
-            changes = await self.dispatcher.reconfigure(new)
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error(kv("reload-refused", problem=str(problem)))
-            self.metrics.reloads.labels("refused").inc()
-            notify("READY=1", "STATUS=reload refused: configuration invalid, old one kept")
-            return False
         except Exception as e:
-            log.error(kv("reload-refused", error=type(e).__name__, detail=str(e)[:200]))
-            self.metrics.reloads.labels("refused").inc()
-            notify("READY=1", "STATUS=reload refused, old configuration kept")
-            return False
+            return self._refused(e)
+        try:
+            # Everything that can fail comes first; then routes, keys and sinks switch together
+            # (no await in between: no request sees a mix of the two configurations).
+            runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)
+            changes = self.dispatcher.reconfigure(new)
+        except Exception as e:
+            return self._refused(e)
+        self.ingress.runtime = runtime
         for key in RESTART_ONLY:
             if _get(old, key) != _get(new, key):
                 log.warning(kv("reload-needs-restart", key=key, hint="restart to apply"))
@@ -171,11 +170,22 @@ class Daemon:
             logs.setup(new.log.level, new.log.format)
         for warning in new.warnings:
             log.warning(warning)
-        self.ingress.runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)
         self.metrics.reloads.labels("applied").inc()
         log.info(kv("reloaded", sinks=",".join(f"{n}:{c}" for n, c in sorted(changes.items()))))
         notify("READY=1", "STATUS=configuration reloaded")
         return True
+
+    def _refused(self, e: Exception) -> bool:
+        if isinstance(e, ConfigError):
+            for problem in e.problems:
+                log.error(kv("reload-refused", problem=str(problem)))
+            status = "STATUS=reload refused: configuration invalid, old one kept"
+        else:
+            log.error(kv("reload-refused", error=type(e).__name__, detail=str(e)[:200]))
+            status = "STATUS=reload refused, old configuration kept"
+        self.metrics.reloads.labels("refused").inc()
+        notify("READY=1", status)
+        return False
 
     async def _watch_signals(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -185,8 +195,7 @@ class Daemon:
             async with anyio.create_task_group() as reloads:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        # In a task of its own: retiring a slow sink must not hold up SIGTERM.
-                        # Reloads queue on the dispatcher's lock, so they apply in order.
+                        # In a task of its own: a slow load must not hold up SIGTERM.
                         reloads.start_soon(self.reload)
                         continue
                     log.info(kv("signal", name=signal.Signals(signum).name))
@@ -203,9 +212,7 @@ class Daemon:
         config = self.config
         try:
             removed = await self.journal.sweep(config.journal.retention)
-            await self.journal.dead_letter_sinks_not_in(
-                config.sinks, "sink removed from the configuration"
-            )
+            await self.dispatcher.dead_letter_removed()
         except JournalUnavailable as e:
             log.error(kv("sweep-failed", error=str(e)))
             return

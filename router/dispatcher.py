@@ -45,6 +45,8 @@ FRESH_COUNT = 8192
 FRESH_ENTRY_BYTES = 512
 #: How long a sink being retired by a reload may take to finish its deliveries in flight.
 RETIRE_SECONDS = 10.0
+#: The last error of a delivery dead-lettered because its sink was removed by a reload.
+REMOVED = "sink removed from the configuration"
 
 
 def _fresh_cost(message: Message) -> int:
@@ -79,6 +81,8 @@ class SinkRunner:
         self.stopping = False
         self._stopped = anyio.Event()
         self._done = anyio.Event()
+        #: Set once retired (deliveries in flight ended, sink closed): a successor may start.
+        self.retired = anyio.Event()
         self._scope = anyio.CancelScope()
         self.last_error: str | None = None
         self._wake = anyio.Event()
@@ -125,11 +129,14 @@ class SinkRunner:
         for seq in [seq for seq in self._fresh if seq <= horizon]:
             self._fresh_bytes -= _fresh_cost(self._fresh.pop(seq))
 
-    async def supervise(self) -> None:
+    async def supervise(self, after: SinkRunner | None = None) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
-        alone."""
+        alone. A runner that replaces ``after`` (the same sink name, changed by a reload)
+        starts once ``after`` is retired: offers meanwhile wait in its cache and the journal."""
         with anyio.CancelScope() as self._scope:
             try:
+                if after is not None:
+                    await after.retired.wait()
                 await self.run()
             finally:
                 self._done.set()
@@ -137,12 +144,15 @@ class SinkRunner:
     async def retire(self, grace: float) -> None:
         """After ``stop``: wait for deliveries in flight (cancelled after ``grace`` seconds),
         then close the sink."""
-        with anyio.move_on_after(grace):
-            await self._done.wait()
-        if not self._done.is_set():
-            self._scope.cancel()
-            await self._done.wait()
-        await self.close_sink()
+        try:
+            with anyio.move_on_after(grace):
+                await self._done.wait()
+            if not self._done.is_set():
+                self._scope.cancel()
+                await self._done.wait()
+            await self.close_sink()
+        finally:
+            self.retired.set()
 
     async def close_sink(self) -> None:
         if not self.opened:
@@ -362,9 +372,10 @@ class Dispatcher:
         self.runners: dict[str, SinkRunner] = {
             name: self._runner(config, cfg) for name, cfg in config.sinks.items()
         }
+        #: Runners a reload took out, by sink name (the latest one), until they are retired.
+        self.retiring: dict[str, SinkRunner] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = anyio.Event()
-        self._lock = anyio.Lock()
 
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(
@@ -394,54 +405,83 @@ class Dispatcher:
             for runner in self.runners.values():
                 runner.stop()
 
-    def _start(self, runner: SinkRunner) -> None:
+    def _start(self, runner: SinkRunner, after: SinkRunner | None = None) -> None:
         assert self._tg is not None
-        self._tg.start_soon(runner.supervise, name=f"sink:{runner.name}")
+        self._tg.start_soon(runner.supervise, after, name=f"sink:{runner.name}")
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def reconfigure(self, config: Config) -> dict[str, str]:
-        """Move to ``config``'s sinks; return what happened to each changed sink name.
+    def reconfigure(self, config: Config) -> dict[str, str]:
+        """Switch to ``config``'s sinks at once; return what happened to each changed sink name.
 
-        An unchanged sink keeps its runner and its connections. A new sink starts at once. A
-        changed or removed sink takes no new work, finishes what it has in flight (cancelled
-        after ``RETIRE_SECONDS``; what was cancelled stays pending) and is closed; a changed
-        sink's successor then resumes its pending deliveries, while a removed sink's pending
-        deliveries are dead-lettered with that reason."""
-        async with self._lock:
-            changes: dict[str, str] = {}
-            runners: dict[str, SinkRunner] = {}
-            for name, cfg in config.sinks.items():
-                old = self.runners.get(name)
-                if old is not None and old.cfg == cfg:
-                    old.pm = config.plugin_manager
-                    runners[name] = old
-                else:
-                    runners[name] = self._runner(config, cfg)
-                    changes[name] = "added" if old is None else "changed"
-            retired = [r for name, r in self.runners.items() if runners.get(name) is not r]
-            for runner in retired:
-                changes.setdefault(runner.name, "removed")
-            self.runners = runners
-            for name, change in changes.items():
-                if change == "added":
-                    self._start(runners[name])
-            for runner in retired:
-                runner.stop()
-            for runner in retired:
-                await runner.retire(RETIRE_SECONDS)
-            for name, change in changes.items():
-                if change == "changed":
-                    self._start(runners[name])
-            removed = await self.journal.dead_letter_sinks_not_in(
-                runners, "sink removed from the configuration"
-            )
-            for sink, count in removed.items():
-                log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
-            return changes
+        Everything that can fail (building the new sinks) happens before anything changes, and
+        nothing here waits: the switch is whole, or it did not happen. An unchanged sink keeps
+        its runner and its connections. A new sink starts at once. A changed or removed sink
+        takes no new work from now on and is retired in the background: it finishes what it
+        has in flight (cancelled after ``RETIRE_SECONDS``; what was cancelled stays pending) and
+        is closed. A changed sink's successor takes new messages at once and starts delivering
+        once its predecessor is closed (so no delivery is in flight in both, and the old
+        ``close`` comes before the new ``open``); a removed sink's pending deliveries are then
+        dead-lettered with that reason."""
+        changes: dict[str, str] = {}
+        runners: dict[str, SinkRunner] = {}
+        for name, cfg in config.sinks.items():
+            old = self.runners.get(name)
+            if old is not None and old.cfg == cfg:
+                runners[name] = old
+            else:
+                runners[name] = self._runner(config, cfg)
+                changes[name] = "added" if old is None else "changed"
+        # From here on nothing can fail.
+        for name, runner in runners.items():
+            if name not in changes:
+                runner.pm = config.plugin_manager
+        retired = [r for name, r in self.runners.items() if runners.get(name) is not r]
+        for runner in retired:
+            changes.setdefault(runner.name, "removed")
+        # The runner a new one must wait for: the one it replaces, or one of a sink removed
+        # by an earlier reload and now added back that is still retiring.
+        after = {name: self.runners.get(name) or self.retiring.get(name) for name in runners}
+        self.runners = runners
+        for runner in retired:
+            runner.stop()
+            self.retiring[runner.name] = runner
+            assert self._tg is not None
+            self._tg.start_soon(self._retire, runner, name=f"retire:{runner.name}")
+        for name, change in changes.items():
+            if change != "removed":
+                self._start(runners[name], after[name])
+        return changes
+
+    async def _retire(self, runner: SinkRunner) -> None:
+        try:
+            await runner.retire(RETIRE_SECONDS)
+        finally:
+            if self.retiring.get(runner.name) is runner:
+                del self.retiring[runner.name]
+        if runner.name in self.runners:
+            return  # changed (or added back): its successor resumes the pending deliveries
+        while True:
+            try:
+                await self.dead_letter_removed()
+                return
+            except JournalUnavailable as e:
+                # The deliveries stay pending (to no sink) until it works: try again.
+                log.error(kv("dead-letter-failed", sink=runner.name, error=str(e), retry_in=1.0))
+                await anyio.sleep(1.0)
+
+    async def dead_letter_removed(self) -> dict[str, int]:
+        """Dead-letter the pending deliveries to sinks that are no longer configured, except
+        those of a removed sink still finishing its deliveries in flight (its retirement does
+        it then)."""
+        keep = set(self.runners) | set(self.retiring)
+        removed = await self.journal.dead_letter_sinks_not_in(keep, REMOVED)
+        for sink, count in removed.items():
+            log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
+        return removed
 
     async def close(self) -> None:
         """Close every sink that was opened; a failure to close is logged, not raised."""
-        for runner in self.runners.values():
+        for runner in [*self.runners.values(), *self.retiring.values()]:
             await runner.close_sink()
