@@ -75,6 +75,9 @@ class Daemon:
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(config, journal, self.metrics)
         self.ingress = Ingress(_runtime(config, journal, self.dispatcher, self.metrics))
+        #: Reloads asked for, and the newest of them whose load has finished (see ``reload``).
+        self._reloads_asked = 0
+        self._reloads_decided = 0
 
     @property
     def config(self) -> Config:
@@ -142,17 +145,35 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Load the configuration file again and switch to it; on any error keep running the
-        current one. Returns whether the new configuration took effect."""
+        current one. Returns whether the new configuration took effect.
+
+        Reloads may overlap (two SIGHUPs a few ms apart), and their loads may finish in either
+        order: the one asked for last decides. A reload whose load finishes after that of one
+        asked for later is dropped (``reload-superseded``), valid or not, so the file in force
+        is always the one read last, never an older one applied over it."""
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        old = self.config
+        self._reloads_asked += 1
+        ticket = self._reloads_asked
+        current = self.config
+        new: Config | None = None
+        error: Exception | None = None
         try:
             # Plugins the embedding program passed to ``load_config`` (not named in the file)
             # stay registered: without them the file's sinks of their types would be unknown.
             new = await anyio.to_thread.run_sync(
-                functools.partial(load_config, old.file, extra_plugins=old.extra_plugins)
+                functools.partial(load_config, current.file, extra_plugins=current.extra_plugins)
             )
         except Exception as e:
-            return self._refused(e)
+            error = e
+        if not self._decides(ticket):
+            log.info(kv("reload-superseded", hint="a later reload read the file"))
+            self.metrics.reloads.labels("superseded").inc()
+            notify("READY=1", "STATUS=reload superseded by a later one")
+            return False
+        if error is not None:
+            return self._refused(error)
+        assert new is not None
+        old = self.config
         try:
             # Everything that can fail comes first; then routes, keys and sinks switch together
             # (no await in between: no request sees a mix of the two configurations).
@@ -175,6 +196,14 @@ class Daemon:
         notify("READY=1", "STATUS=configuration reloaded")
         return True
 
+    def _decides(self, ticket: int) -> bool:
+        """Whether the reload with this ticket decides, its load having finished: no reload
+        asked for after it has finished loading first."""
+        if ticket < self._reloads_decided:
+            return False
+        self._reloads_decided = ticket
+        return True
+
     def _refused(self, e: Exception) -> bool:
         if isinstance(e, ConfigError):
             for problem in e.problems:
@@ -195,7 +224,8 @@ class Daemon:
             async with anyio.create_task_group() as reloads:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        # In a task of its own: a slow load must not hold up SIGTERM.
+                        # In a task of its own: a slow load must not hold up SIGTERM. Of
+                        # overlapping reloads the last one asked for decides (see ``reload``).
                         reloads.start_soon(self.reload)
                         continue
                     log.info(kv("signal", name=signal.Signals(signum).name))

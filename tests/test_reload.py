@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from router import (
     Sink,
     SinkContext,
     SinkOptions,
+    hookimpl,
 )
 from router.config import Config, load_config
 from router.dispatcher import SinkRunner
@@ -477,6 +479,63 @@ async def test_a_reload_removing_a_busy_sink_switches_routes_at_once(tmp_path: P
         ("m-2", "gone", "dead", 0, "sink removed from the configuration"),
         ("m-3", "a", "delivered", 1, None),
     ]
+
+
+class HeldLoad:
+    """A plugin that holds one configuration load once ``armed``: its ``router_sink_types``
+    hook runs inside ``load_config`` (in the reload's worker thread, after the file was read)
+    and waits there until ``release`` is set. That is how a test decides which of two
+    overlapping reloads finishes loading first."""
+
+    __name__ = "held-load"
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @hookimpl
+    def router_sink_types(self) -> list[type[Sink[Any]]]:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(timeout=30)  # only a failing test ever waits this long
+        return []
+
+
+async def test_of_two_overlapping_reloads_the_later_file_wins(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first reload reads v2 and is held in its load; the second reads v3 and is applied;
+    # then the first load finishes: it must not put v2 over v3.
+    caplog.set_level(logging.INFO)
+    tracker, recorder, held = Tracker(), Recorder(), HeldLoad()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder, held)
+    sinks = {"a": tracking(), "b": tracking(), "c": tracking()}
+    config = setup.load(default=["a"], sinks=sinks)
+    results: list[bool] = []
+
+    async def first_reload() -> None:
+        results.append(await router.reload())
+
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        setup.rewrite(default=["b"], sinks=sinks)
+        held.armed = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_reload)
+            await eventually(held.entered.is_set)
+            setup.rewrite(default=["c"], sinks=sinks)
+            assert await router.reload() is True
+            held.release.set()
+        assert results == [False]
+        assert "reload-superseded" in caplog.text
+        assert router.daemon.config.routes.default == ("c",)
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: r.delivered_to("c") == ["m-1"])
+
+    assert recorder.received == [("m-1", ("c",))]
 
 
 async def test_a_journal_failure_during_a_reload_does_not_half_apply_it(
