@@ -84,6 +84,7 @@ class SinkRunner:
         #: Set once retired (deliveries in flight ended, sink closed): a successor may start.
         self.retired = anyio.Event()
         self._scope = anyio.CancelScope()
+        self._after: SinkRunner | None = None
         self.last_error: str | None = None
         self._wake = anyio.Event()
 
@@ -133,6 +134,7 @@ class SinkRunner:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
         alone. A runner that replaces ``after`` (the same sink name, changed by a reload)
         starts once ``after`` is retired: offers meanwhile wait in its cache and the journal."""
+        self._after = after
         with anyio.CancelScope() as self._scope:
             try:
                 if after is not None:
@@ -150,6 +152,10 @@ class SinkRunner:
             if not self._done.is_set():
                 self._scope.cancel()
                 await self._done.wait()
+            if self._after is not None:
+                # Retired while still waiting for its predecessor (changed again by a quick
+                # second reload): its own successor must wait for that one too.
+                await self._after.retired.wait()
             await self.close_sink()
         finally:
             self.retired.set()

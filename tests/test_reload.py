@@ -438,6 +438,40 @@ async def test_a_reload_changing_a_busy_sink_switches_at_once_and_hands_over_onc
     ]
 
 
+async def test_a_busy_sink_changed_twice_in_a_row_hands_over_once(tmp_path: Path) -> None:
+    # v2 is replaced before it ever started (v1 still busy): v3 waits for v1, not for v2.
+    tracker, recorder = Tracker(hold_tag="v1"), Recorder()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
+    config = setup.load(default=["s"], sinks={"s": tracking("v1", retry=FAST)})
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        with anyio.fail_after(10):
+            await tracker.entered.wait()
+        for tag in ("v2", "v3"):
+            setup.rewrite(default=["s"], sinks={"s": tracking(tag, retry=FAST)})
+            assert await router.reload() is True
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-2"))
+        ).status_code == 200
+        assert tracker.lifecycle == [("open", "s", "v1")]
+        tracker.release.set()
+        await recorder.wait_for(lambda r: sorted(r.delivered_to("s")) == ["m-1", "m-2"])
+
+    assert [(s.tag, s.message_id, s.attempt, s.ok) for s in tracker.sent] == [
+        ("v1", "m-1", 1, True),
+        ("v3", "m-2", 1, True),
+    ]
+    assert tracker.lifecycle == [
+        ("open", "s", "v1"),
+        ("close", "s", "v1"),
+        ("open", "s", "v3"),
+        ("close", "s", "v3"),
+    ]
+    assert [state for _, _, state, _, _ in deliveries(config)] == ["delivered", "delivered"]
+
+
 async def test_a_reload_removing_a_busy_sink_switches_routes_at_once(tmp_path: Path) -> None:
     # ``gone`` hangs on m-1 with m-2 queued behind it. The reload that removes it returns at
     # once; m-3, accepted while the send to ``gone`` is still in flight, follows the new
