@@ -2,7 +2,8 @@
 
 Start: open the journal (recovery is implicit: pending deliveries are simply due), dead-letter
 deliveries to sinks that no longer exist, bind the listeners, start the dispatcher, report
-READY. SIGHUP: reload (validate everything first; on any error keep the running configuration).
+READY. SIGHUP: reload (validate and build everything first; on any error keep the running
+configuration; else switch at once, retiring changed and removed sinks in the background).
 SIGTERM/SIGINT: stop accepting, let requests in flight finish (hypercorn's graceful timeout),
 let deliveries in flight finish (bounded), close sinks, checkpoint and close the journal.
 Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC`` asks for it.
@@ -74,6 +75,9 @@ class Daemon:
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(config, journal, self.metrics)
         self.ingress = Ingress(_runtime(config, journal, self.dispatcher, self.metrics))
+        #: Reloads asked for, and the newest of them whose load has finished (see ``reload``).
+        self._reloads_asked = 0
+        self._reloads_decided = 0
 
     @property
     def config(self) -> Config:
@@ -147,27 +151,43 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Load the configuration file again and switch to it; on any error keep running the
-        current one. Returns whether the new configuration took effect."""
+        current one. Returns whether the new configuration took effect.
+
+        Reloads may overlap (two SIGHUPs a few ms apart), and their loads may finish in either
+        order: the one asked for last decides. A reload whose load finishes after that of one
+        asked for later is dropped (``reload-superseded``), valid or not, so the file in force
+        is always the one read last, never an older one applied over it."""
         notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        old = self.config
+        self._reloads_asked += 1
+        ticket = self._reloads_asked
+        current = self.config
+        new: Config | None = None
+        error: Exception | None = None
         try:
             # Plugins the embedding program passed to ``load_config`` (not named in the file)
             # stay registered: without them the file's sinks of their types would be unknown.
             new = await anyio.to_thread.run_sync(
-                functools.partial(load_config, old.file, extra_plugins=old.extra_plugins)
+                functools.partial(load_config, current.file, extra_plugins=current.extra_plugins)
             )
-            changes = await self.dispatcher.reconfigure(new)
-        except ConfigError as e:
-            for problem in e.problems:
-                log.error(kv("reload-refused", problem=str(problem)))
-            self.metrics.reloads.labels("refused").inc()
-            notify("READY=1", "STATUS=reload refused: configuration invalid, old one kept")
-            return False
         except Exception as e:
-            log.error(kv("reload-refused", error=type(e).__name__, detail=str(e)[:200]))
-            self.metrics.reloads.labels("refused").inc()
-            notify("READY=1", "STATUS=reload refused, old configuration kept")
+            error = e
+        if not self._decides(ticket):
+            log.info(kv("reload-superseded", hint="a later reload read the file"))
+            self.metrics.reloads.labels("superseded").inc()
+            notify("READY=1", "STATUS=reload superseded by a later one")
             return False
+        if error is not None:
+            return self._refused(error)
+        assert new is not None
+        old = self.config
+        try:
+            # Everything that can fail comes first; then routes, keys and sinks switch together
+            # (no await in between: no request sees a mix of the two configurations).
+            runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)
+            changes = self.dispatcher.reconfigure(new)
+        except Exception as e:
+            return self._refused(e)
+        self.ingress.runtime = runtime
         for key in RESTART_ONLY:
             if _get(old, key) != _get(new, key):
                 log.warning(kv("reload-needs-restart", key=key, hint="restart to apply"))
@@ -177,11 +197,30 @@ class Daemon:
             logs.setup(new.log.level, new.log.format)
         for warning in new.warnings:
             log.warning(warning)
-        self.ingress.runtime = _runtime(new, self.journal, self.dispatcher, self.metrics)
         self.metrics.reloads.labels("applied").inc()
         log.info(kv("reloaded", sinks=",".join(f"{n}:{c}" for n, c in sorted(changes.items()))))
         notify("READY=1", "STATUS=configuration reloaded")
         return True
+
+    def _decides(self, ticket: int) -> bool:
+        """Whether the reload with this ticket decides, its load having finished: no reload
+        asked for after it has finished loading first."""
+        if ticket < self._reloads_decided:
+            return False
+        self._reloads_decided = ticket
+        return True
+
+    def _refused(self, e: Exception) -> bool:
+        if isinstance(e, ConfigError):
+            for problem in e.problems:
+                log.error(kv("reload-refused", problem=str(problem)))
+            status = "STATUS=reload refused: configuration invalid, old one kept"
+        else:
+            log.error(kv("reload-refused", error=type(e).__name__, detail=str(e)[:200]))
+            status = "STATUS=reload refused, old configuration kept"
+        self.metrics.reloads.labels("refused").inc()
+        notify("READY=1", status)
+        return False
 
     async def _watch_signals(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -191,8 +230,8 @@ class Daemon:
             async with anyio.create_task_group() as reloads:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        # In a task of its own: retiring a slow sink must not hold up SIGTERM.
-                        # Reloads queue on the dispatcher's lock, so they apply in order.
+                        # In a task of its own: a slow load must not hold up SIGTERM. Of
+                        # overlapping reloads the last one asked for decides (see ``reload``).
                         reloads.start_soon(self.reload)
                         continue
                     log.info(kv("signal", name=signal.Signals(signum).name))
@@ -209,9 +248,7 @@ class Daemon:
         config = self.config
         try:
             removed = await self.journal.sweep(config.journal.retention)
-            await self.journal.dead_letter_orphaned(
-                config.sinks, "sink removed from the configuration"
-            )
+            await self.dispatcher.dead_letter_removed()
         except JournalUnavailable as e:
             log.error(kv("sweep-failed", error=str(e)))
             return

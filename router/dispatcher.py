@@ -41,11 +41,25 @@ log = logging.getLogger("router.delivery")
 IDLE_POLL = 2.0
 #: While fresh messages keep coming, the journal is still read this often for due retries.
 JOURNAL_LOOK = 0.5
-#: How many just-accepted messages a runner keeps at hand, and how many bytes they may hold
-#: together (bodies, plus an estimate of each entry's own cost).
-FRESH_COUNT = 4096
+#: The memory a runner's cache of just-accepted messages may take: body bytes plus
+#: ``FRESH_ENTRY_BYTES`` each (a hung sink's cache stays full, so this is what it costs) ...
 FRESH_BYTES = 16 * 1024 * 1024
-FRESH_ENTRY_BYTES = 600
+#: ... and how many of them at most (small bodies reach this long before ``FRESH_BYTES``).
+FRESH_COUNT = 8192
+#: What an entry of that cache costs besides its body: the ``Message`` with its id, type and
+#: time strings, and the dict slot (about 400 bytes measured with tracemalloc; rounded up).
+FRESH_ENTRY_BYTES = 512
+#: How long a sink being retired by a reload may take to finish its deliveries in flight.
+RETIRE_SECONDS = 10.0
+#: The last error of a delivery dead-lettered because its sink was removed by a reload.
+REMOVED = "sink removed from the configuration"
+
+
+def _fresh_cost(message: Message) -> int:
+    """What keeping ``message`` at hand costs in memory (a spooled body stays in its file)."""
+    return (message.body_size if message.in_memory else 0) + FRESH_ENTRY_BYTES
+
+
 #: How long a sink being retired by a reload may take to finish its deliveries in flight.
 RETIRE_SECONDS = 10.0
 
@@ -81,7 +95,10 @@ class SinkRunner:
         self.stopping = False
         self._stopped = anyio.Event()
         self._done = anyio.Event()
+        #: Set once retired (deliveries in flight ended, sink closed): a successor may start.
+        self.retired = anyio.Event()
         self._scope = anyio.CancelScope()
+        self._after: SinkRunner | None = None
         self.last_error: str | None = None
         self._wake = anyio.Event()
 
@@ -93,13 +110,14 @@ class SinkRunner:
         """A delivery may be due: look again."""
         self._wake.set()
 
-    def has_room(self) -> bool:
-        """Whether a message just received may be claimed for this runner and kept at hand."""
+    def has_room(self, message: Message) -> bool:
+        """Whether ``message``, just received, may be claimed for this runner and kept at hand
+        (else it is claimed from the journal when its turn comes)."""
         return (
             not self.cfg.ordered
             and not self.stopping
             and len(self._fresh) < FRESH_COUNT
-            and self._fresh_bytes < FRESH_BYTES
+            and self._fresh_bytes + _fresh_cost(message) <= FRESH_BYTES
         )
 
     def offer(self, seq: int, message: Message) -> None:
@@ -107,22 +125,32 @@ class SinkRunner:
         at hand, so that delivering it needs no journal read."""
         self.held[seq] = Claim(seq, 0, FIRST_TOKEN)
         self._fresh[seq] = message
-        self._fresh_bytes += message.body_size + FRESH_ENTRY_BYTES
+        self._fresh_bytes += _fresh_cost(message)
         self._wake.set()
+
+    @property
+    def fresh_size(self) -> tuple[int, int]:
+        """How many messages the fresh-message cache holds, and what they cost in bytes
+        (bodies plus ``FRESH_ENTRY_BYTES`` each)."""
+        return len(self._fresh), self._fresh_bytes
 
     def _take_fresh(self, limit: int) -> list[tuple[Claim, Message | None]]:
         taken: list[tuple[Claim, Message | None]] = []
         for seq in list(itertools.islice(self._fresh, limit)):
             message = self._fresh.pop(seq)
-            self._fresh_bytes -= message.body_size + FRESH_ENTRY_BYTES
+            self._fresh_bytes -= _fresh_cost(message)
             taken.append((self.held[seq], message))
         return taken
 
-    async def supervise(self) -> None:
+    async def supervise(self, after: SinkRunner | None = None) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
-        alone."""
+        alone. A runner that replaces ``after`` (the same sink name, changed by a reload)
+        starts once ``after`` is retired: offers meanwhile wait in its cache and the journal."""
+        self._after = after
         with anyio.CancelScope() as self._scope:
             try:
+                if after is not None:
+                    await after.retired.wait()
                 await self.run()
             finally:
                 self._done.set()
@@ -134,12 +162,19 @@ class SinkRunner:
     async def retire(self, grace: float) -> None:
         """After ``stop``: wait for deliveries in flight (cancelled after ``grace`` seconds),
         then close the sink."""
-        with anyio.move_on_after(grace):
-            await self._done.wait()
-        if not self._done.is_set():
-            self._scope.cancel()
-            await self._done.wait()
-        await self.close_sink()
+        try:
+            with anyio.move_on_after(grace):
+                await self._done.wait()
+            if not self._done.is_set():
+                self._scope.cancel()
+                await self._done.wait()
+            if self._after is not None:
+                # Retired while still waiting for its predecessor (changed again by a quick
+                # second reload): its own successor must wait for that one too.
+                await self._after.retired.wait()
+            await self.close_sink()
+        finally:
+            self.retired.set()
 
     async def close_sink(self) -> None:
         if not self.opened:
@@ -396,11 +431,10 @@ class Dispatcher:
         self.runners: dict[str, SinkRunner] = {
             name: self._runner(config, cfg) for name, cfg in config.sinks.items()
         }
-        #: Runners retired by a reload that still finish their deliveries in flight.
-        self._retiring: set[SinkRunner] = set()
+        #: Runners a reload took out, by sink name (the latest one), until they are retired.
+        self.retiring: dict[str, SinkRunner] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = anyio.Event()
-        self._lock = anyio.Lock()
 
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(
@@ -420,10 +454,12 @@ class Dispatcher:
         """Tell the journal this router works on it, with its sinks."""
         await self.journal.register(self.info(), self.lease)
 
-    def claimable(self, sinks: Iterable[str]) -> list[str]:
-        """Of ``sinks``, those whose runner can take a message just received at once (so the
-        append claims it for this router)."""
-        return [n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room()]
+    def claimable(self, sinks: Iterable[str], message: Message) -> list[str]:
+        """Of ``sinks``, those whose runner can take ``message``, just received, at once (so
+        the append claims it for this router)."""
+        return [
+            n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room(message)
+        ]
 
     def offer(self, seq: int, message: Message, claimed: Iterable[str]) -> None:
         """A message was just journaled and claimed for ``claimed``: hand it to their runners
@@ -466,7 +502,7 @@ class Dispatcher:
             renewing.cancel()
 
     async def _drained(self) -> None:
-        for runner in [*self.runners.values(), *self._retiring]:
+        for runner in [*self.runners.values(), *self.retiring.values()]:
             await runner.done()
 
     async def _renew_periodically(self, scope: anyio.CancelScope) -> None:
@@ -478,68 +514,91 @@ class Dispatcher:
     async def renew(self) -> None:
         """Extend the leases of every delivery a runner of this router holds."""
         held: dict[str, set[int]] = {}
-        for runner in [*self.runners.values(), *self._retiring]:
+        for runner in [*self.runners.values(), *self.retiring.values()]:
             held.setdefault(runner.name, set()).update(runner.held)
         try:
             await self.journal.renew(self.owner, self.lease, held)
         except JournalUnavailable as e:
             log.error(kv("lease-renewal-failed", error=str(e)))
 
-    def _start(self, runner: SinkRunner) -> None:
+    def _start(self, runner: SinkRunner, after: SinkRunner | None = None) -> None:
         assert self._tg is not None
-        self._tg.start_soon(runner.supervise, name=f"sink:{runner.name}")
+        self._tg.start_soon(runner.supervise, after, name=f"sink:{runner.name}")
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def reconfigure(self, config: Config) -> dict[str, str]:
-        """Move to ``config``'s sinks; return what happened to each changed sink name.
+    def reconfigure(self, config: Config) -> dict[str, str]:
+        """Switch to ``config``'s sinks at once; return what happened to each changed sink name.
 
-        An unchanged sink keeps its runner and its connections. A new sink starts at once. A
-        changed sink's successor starts at once too, beside its predecessor: the journal's
-        claims keep them from sending the same delivery (the predecessor gives back what it
-        had not started). A changed or removed sink takes no new work, finishes what it has
-        in flight in the background (cancelled after ``RETIRE_SECONDS``: given back, still
-        pending) and is closed; a removed sink's pending deliveries are dead-lettered with
-        that reason unless another live router on the journal still has that sink."""
-        async with self._lock:
-            changes: dict[str, str] = {}
-            runners: dict[str, SinkRunner] = {}
-            for name, cfg in config.sinks.items():
-                old = self.runners.get(name)
-                if old is not None and old.cfg == cfg:
-                    old.pm = config.plugin_manager
-                    runners[name] = old
-                else:
-                    runners[name] = self._runner(config, cfg)
-                    changes[name] = "added" if old is None else "changed"
-            retired = [r for name, r in self.runners.items() if runners.get(name) is not r]
-            for runner in retired:
-                changes.setdefault(runner.name, "removed")
-            self.runners = runners
-            for runner in retired:
-                runner.stop()
-                self._retiring.add(runner)
-                assert self._tg is not None
-                self._tg.start_soon(self._retire, runner)
-            for name, change in changes.items():
-                if change in ("added", "changed"):
-                    self._start(runners[name])
-            await self.register()
-            removed = await self.journal.dead_letter_orphaned(
-                runners, "sink removed from the configuration"
-            )
-            for sink, count in removed.items():
-                log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
-            return changes
+        Everything that can fail (building the new sinks) happens before anything changes, and
+        nothing here waits: the switch is whole, or it did not happen. An unchanged sink keeps
+        its runner and its connections. A new sink starts at once. A changed or removed sink
+        takes no new work from now on and is retired in the background: it finishes what it
+        has in flight (cancelled after ``RETIRE_SECONDS``; what was cancelled stays pending) and
+        is closed. A changed sink's successor takes new messages at once and starts delivering
+        once its predecessor is closed (so no delivery is in flight in both, and the old
+        ``close`` comes before the new ``open``); a removed sink's pending deliveries are then
+        dead-lettered with that reason."""
+        changes: dict[str, str] = {}
+        runners: dict[str, SinkRunner] = {}
+        for name, cfg in config.sinks.items():
+            old = self.runners.get(name)
+            if old is not None and old.cfg == cfg:
+                runners[name] = old
+            else:
+                runners[name] = self._runner(config, cfg)
+                changes[name] = "added" if old is None else "changed"
+        # From here on nothing can fail.
+        for name, runner in runners.items():
+            if name not in changes:
+                runner.pm = config.plugin_manager
+        retired = [r for name, r in self.runners.items() if runners.get(name) is not r]
+        for runner in retired:
+            changes.setdefault(runner.name, "removed")
+        # The runner a new one must wait for: the one it replaces, or one of a sink removed
+        # by an earlier reload and now added back that is still retiring.
+        after = {name: self.runners.get(name) or self.retiring.get(name) for name in runners}
+        self.runners = runners
+        for runner in retired:
+            runner.stop()
+            self.retiring[runner.name] = runner
+            assert self._tg is not None
+            self._tg.start_soon(self._retire, runner, name=f"retire:{runner.name}")
+        for name, change in changes.items():
+            if change != "removed":
+                self._start(runners[name], after[name])
+        return changes
 
     async def _retire(self, runner: SinkRunner) -> None:
         try:
             await runner.retire(RETIRE_SECONDS)
         finally:
-            self._retiring.discard(runner)
+            if self.retiring.get(runner.name) is runner:
+                del self.retiring[runner.name]
+        if runner.name in self.runners:
+            return  # changed (or added back): its successor resumes the pending deliveries
+        while True:
+            try:
+                await self.dead_letter_removed()
+                return
+            except JournalUnavailable as e:
+                # The deliveries stay pending (to no sink) until it works: try again.
+                log.error(kv("dead-letter-failed", sink=runner.name, error=str(e), retry_in=1.0))
+                await anyio.sleep(1.0)
+
+    async def dead_letter_removed(self) -> dict[str, int]:
+        """Dead-letter the pending deliveries to sinks that are no longer configured, except
+        those of a removed sink still finishing its deliveries in flight (its retirement does
+        it then)."""
+        await self.register()  # other routers see this router's sinks as they are now
+        keep = set(self.runners) | set(self.retiring)
+        removed = await self.journal.dead_letter_orphaned(keep, REMOVED)
+        for sink, count in removed.items():
+            log.warning(kv("dead-letter", sink=sink, count=count, reason="sink removed"))
+        return removed
 
     async def close(self) -> None:
         """Close every sink that was opened; a failure to close is logged, not raised."""
-        for runner in self.runners.values():
+        for runner in [*self.runners.values(), *self.retiring.values()]:
             await runner.close_sink()

@@ -248,7 +248,7 @@ class Ingress:
             appended = await rt.journal.append(
                 message,
                 sinks,
-                claim_for=dispatcher.claimable(sinks),
+                claim_for=dispatcher.claimable(sinks, message),
                 owner=dispatcher.owner,
                 ordered=rt.config.routes_ordered(sinks),
                 lease=dispatcher.lease,

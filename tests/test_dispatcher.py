@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 import httpx
@@ -24,8 +25,17 @@ from router import (
     SinkOptions,
 )
 from router.config import Config
+from router.dispatcher import FRESH_BYTES, FRESH_COUNT, FRESH_ENTRY_BYTES, SinkRunner
 from router.journal.sqlite import SQLiteJournal as Journal
-from router.testing import Recorder, SinkPlugin, body_for, eventually, running_router
+from router.metrics import Metrics
+from router.testing import (
+    Recorder,
+    SinkPlugin,
+    body_for,
+    eventually,
+    message_for,
+    running_router,
+)
 from tests.conftest import deliveries, post, query_journal, recording_sink
 
 pytestmark = pytest.mark.anyio
@@ -507,3 +517,35 @@ async def test_concurrent_workers_never_send_one_delivery_twice(
     assert sorted(calls) == sorted(
         (sink, f"m-{i}", attempt) for sink in "ab" for i in range(count) for attempt in (1, 2)
     )
+
+
+async def test_the_fresh_message_cache_is_bounded_by_count_and_bytes(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    # Offers to a runner that takes nothing (as when its sink hangs) stay in its cache: 100k
+    # small ones must not all be kept (the count bound), and larger ones are counted with
+    # each entry's overhead (the bytes bound). What does not fit is read from the journal.
+    config = make_config()
+    cfg = config.sinks["archive"]
+
+    def runner() -> SinkRunner:
+        sink = cfg.build(config.base_dir)
+        journal = Journal(tmp_path / "j")
+        return SinkRunner(cfg, sink, journal, config.plugin_manager, Metrics(), "me", 30.0)
+
+    def offer(runner: SinkRunner, seq: int, message: Message) -> None:
+        if runner.has_room(message):  # what the ingress asks before claiming it at append
+            runner.offer(seq, message)
+
+    small = message_for(message_id="small")
+    many = runner()
+    for seq in range(1, 100_001):
+        offer(many, seq, small)
+    assert many.fresh_size == (FRESH_COUNT, FRESH_COUNT * (small.body_size + FRESH_ENTRY_BYTES))
+
+    # 64 KiB with the overhead: 256 fit in FRESH_BYTES (258 would, counting bodies alone).
+    large = message_for(message_id="large", body=b"x" * (64 * 1024 - FRESH_ENTRY_BYTES))
+    big = runner()
+    for seq in range(1, 1001):
+        offer(big, seq, large)
+    assert big.fresh_size == (FRESH_BYTES // (64 * 1024), FRESH_BYTES)

@@ -10,8 +10,11 @@ option value) handled each delivery; the journal file is read after the router h
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,15 @@ import anyio
 import httpx
 import pytest
 
-from router import Message, RetryableError, SendResult, Sink, SinkContext, SinkOptions
+from router import (
+    Message,
+    RetryableError,
+    SendResult,
+    Sink,
+    SinkContext,
+    SinkOptions,
+    hookimpl,
+)
 from router.config import Config, load_config
 from router.dispatcher import SinkRunner
 from router.testing import (
@@ -82,6 +93,10 @@ class Tracker:
     hold_tag: str | None = None
     entered: anyio.Event = field(default_factory=anyio.Event)
     release: anyio.Event = field(default_factory=anyio.Event)
+    #: Message ids of held sends that were cancelled instead of released.
+    cancelled: list[str] = field(default_factory=list)
+    #: ("open" | "close", sink, tag) in the order they happened.
+    lifecycle: list[tuple[str, str, str]] = field(default_factory=list)
 
     def delivered(self, sink: str) -> list[str]:
         return [s.message_id for s in self.sent if s.sink == sink and s.ok]
@@ -100,15 +115,21 @@ class Tracker:
 
             async def open(self) -> None:
                 tracker.opened.append((self.name, self.instance, self.options.tag))
+                tracker.lifecycle.append(("open", self.name, self.options.tag))
 
             async def close(self) -> None:
                 tracker.closed.append((self.name, self.instance, self.options.tag))
+                tracker.lifecycle.append(("close", self.name, self.options.tag))
 
             async def send(self, batch: Sequence[Message]) -> SendResult:
                 tag = self.options.tag
                 if tag == tracker.hold_tag:
                     tracker.entered.set()
-                    await tracker.release.wait()
+                    try:
+                        await tracker.release.wait()
+                    except anyio.get_cancelled_exc_class():
+                        tracker.cancelled.extend(m.message_id for m in batch)
+                        raise
                 ok = tag not in tracker.failing_tags and not any(
                     tracker.fail_first_suffix is not None
                     and m.message_id.endswith(tracker.fail_first_suffix)
@@ -290,7 +311,7 @@ async def test_a_changed_sinks_pending_deliveries_continue_to_its_new_instance(
         setup.rewrite(default=["s"], sinks={"s": tracking("v2", retry=FAST)})
         assert await router.reload() is True
         assert router.daemon.dispatcher.runners["s"] is not old
-        assert [(n, tag) for n, _, tag in tracker.closed] == [("s", "v1")]  # closed, once
+        await eventually(lambda: [(n, tag) for n, _, tag in tracker.closed] == [("s", "v1")])
         await recorder.wait_for(lambda r: sorted(r.delivered_to("s")) == ids)
 
     (v1,) = {s.instance for s in tracker.sent if s.tag == "v1"}
@@ -369,13 +390,15 @@ async def test_key_rotation_by_reload(tmp_path: Path) -> None:
         await recorder.wait_for(lambda r: len(r.delivered) == 4)
 
 
-async def test_a_delivery_in_flight_during_its_sinks_reload_finishes_once(
+async def test_a_reload_changing_a_busy_sink_switches_at_once_and_hands_over_once(
     tmp_path: Path,
 ) -> None:
+    # The send in flight when its sink changes holds the reload up no longer: the reload
+    # returns while it is held, lets it finish (not cancelled), and a message accepted
+    # meanwhile goes to the successor, which opens only once the old instance is closed.
     tracker, recorder = Tracker(hold_tag="v1"), Recorder()
     setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
     config = setup.load(default=["s"], sinks={"s": tracking("v1", retry=FAST)})
-    results: list[bool] = []
     async with running_router(config) as router, httpx.AsyncClient() as client:
         assert (
             await post(client, router.webhook_url, body_for(message_id="m-1"))
@@ -385,32 +408,210 @@ async def test_a_delivery_in_flight_during_its_sinks_reload_finishes_once(
         old = router.daemon.dispatcher.runners["s"]
         setup.rewrite(default=["s"], sinks={"s": tracking("v2", retry=FAST)})
 
-        async def reload() -> None:
-            results.append(await router.reload())
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(reload)
-            await eventually(lambda: old.stopping)  # the reload is retiring the old runner
-            assert results == []  # ... and waits for the send in flight
-            assert tracker.sent == []
-            tracker.release.set()
-        assert results == [True]
-        await recorder.wait_for(lambda r: r.delivered_to("s") == ["m-1"])
+        assert await router.reload() is True
+        assert old.stopping  # retiring in the background ...
+        assert (tracker.sent, tracker.cancelled) == ([], [])  # ... its send still in flight
+        assert router.daemon.dispatcher.runners["s"] is not old
         assert (
             await post(client, router.webhook_url, body_for(message_id="m-2"))
         ).status_code == 200
-        await recorder.wait_for(lambda r: r.delivered_to("s") == ["m-1", "m-2"])
+        assert tracker.lifecycle == [("open", "s", "v1")]  # the successor waits
+        tracker.release.set()
+        await recorder.wait_for(lambda r: sorted(r.delivered_to("s")) == ["m-1", "m-2"])
 
     assert [(s.tag, s.message_id, s.attempt, s.ok) for s in tracker.sent] == [
         ("v1", "m-1", 1, True),
         ("v2", "m-2", 1, True),
     ]
-    assert recorder.delivered == [("m-1", "s", 1), ("m-2", "s", 1)]
+    assert tracker.cancelled == []
+    assert tracker.lifecycle == [
+        ("open", "s", "v1"),
+        ("close", "s", "v1"),
+        ("open", "s", "v2"),
+        ("close", "s", "v2"),
+    ]
+    assert sorted(recorder.delivered) == [("m-1", "s", 1), ("m-2", "s", 1)]
     assert recorder.failed == []
     assert deliveries(config) == [
         ("m-1", "s", "delivered", 1, None),
         ("m-2", "s", "delivered", 1, None),
     ]
+
+
+async def test_a_busy_sink_changed_twice_in_a_row_hands_over_once(tmp_path: Path) -> None:
+    # v2 is replaced before it ever started (v1 still busy): v3 waits for v1, not for v2.
+    tracker, recorder = Tracker(hold_tag="v1"), Recorder()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
+    config = setup.load(default=["s"], sinks={"s": tracking("v1", retry=FAST)})
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        with anyio.fail_after(10):
+            await tracker.entered.wait()
+        for tag in ("v2", "v3"):
+            setup.rewrite(default=["s"], sinks={"s": tracking(tag, retry=FAST)})
+            assert await router.reload() is True
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-2"))
+        ).status_code == 200
+        assert tracker.lifecycle == [("open", "s", "v1")]
+        tracker.release.set()
+        await recorder.wait_for(lambda r: sorted(r.delivered_to("s")) == ["m-1", "m-2"])
+
+    assert [(s.tag, s.message_id, s.attempt, s.ok) for s in tracker.sent] == [
+        ("v1", "m-1", 1, True),
+        ("v3", "m-2", 1, True),
+    ]
+    assert tracker.lifecycle == [
+        ("open", "s", "v1"),
+        ("close", "s", "v1"),
+        ("open", "s", "v3"),
+        ("close", "s", "v3"),
+    ]
+    assert [state for _, _, state, _, _ in deliveries(config)] == ["delivered", "delivered"]
+
+
+async def test_a_reload_removing_a_busy_sink_switches_routes_at_once(tmp_path: Path) -> None:
+    # ``gone`` hangs on m-1 with m-2 queued behind it. The reload that removes it returns at
+    # once; m-3, accepted while the send to ``gone`` is still in flight, follows the new
+    # routes; the send in flight finishes; only m-2 (routed to ``gone`` before the switch
+    # and never sent) is dead-lettered.
+    tracker, recorder = Tracker(hold_tag="hung"), Recorder()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
+    config = setup.load(
+        default=["a", "gone"], sinks={"a": tracking(), "gone": tracking("hung", concurrency=1)}
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        url = router.webhook_url
+        assert (await post(client, url, body_for(message_id="m-1"))).status_code == 200
+        with anyio.fail_after(10):
+            await tracker.entered.wait()
+        assert (await post(client, url, body_for(message_id="m-2"))).status_code == 200
+        await recorder.wait_for(lambda r: r.delivered_to("a") == ["m-1", "m-2"])
+
+        setup.rewrite(default=["a"], sinks={"a": tracking()})
+        assert await router.reload() is True
+        assert tracker.cancelled == []  # the send to the removed sink is still in flight
+        assert set(router.daemon.dispatcher.runners) == {"a"}
+        assert (await post(client, url, body_for(message_id="m-3"))).status_code == 200
+        await recorder.wait_for(lambda r: "m-3" in r.delivered_to("a"))
+        assert recorder.received[-1] == ("m-3", ("a",))
+
+        tracker.release.set()
+        await eventually(lambda: rows_by_message(config)["m-2"]["gone"] == "dead")
+
+    assert tracker.cancelled == []
+    assert [(s.sink, s.message_id, s.ok) for s in tracker.sent if s.sink == "gone"] == [
+        ("gone", "m-1", True)
+    ]
+    assert recorder.delivered_to("gone") == ["m-1"]
+    assert deliveries(config) == [
+        ("m-1", "a", "delivered", 1, None),
+        ("m-1", "gone", "delivered", 1, None),
+        ("m-2", "a", "delivered", 1, None),
+        ("m-2", "gone", "dead", 0, "sink removed from the configuration"),
+        ("m-3", "a", "delivered", 1, None),
+    ]
+
+
+class HeldLoad:
+    """A plugin that holds one configuration load once ``armed``: its ``router_sink_types``
+    hook runs inside ``load_config`` (in the reload's worker thread, after the file was read)
+    and waits there until ``release`` is set. That is how a test decides which of two
+    overlapping reloads finishes loading first."""
+
+    __name__ = "held-load"
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @hookimpl
+    def router_sink_types(self) -> list[type[Sink[Any]]]:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(timeout=30)  # only a failing test ever waits this long
+        return []
+
+
+async def test_of_two_overlapping_reloads_the_later_file_wins(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first reload reads v2 and is held in its load; the second reads v3 and is applied;
+    # then the first load finishes: it must not put v2 over v3.
+    caplog.set_level(logging.INFO)
+    tracker, recorder, held = Tracker(), Recorder(), HeldLoad()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder, held)
+    sinks = {"a": tracking(), "b": tracking(), "c": tracking()}
+    config = setup.load(default=["a"], sinks=sinks)
+    results: list[bool] = []
+
+    async def first_reload() -> None:
+        results.append(await router.reload())
+
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        setup.rewrite(default=["b"], sinks=sinks)
+        held.armed = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_reload)
+            await eventually(held.entered.is_set)
+            setup.rewrite(default=["c"], sinks=sinks)
+            assert await router.reload() is True
+            held.release.set()
+        assert results == [False]
+        assert "reload-superseded" in caplog.text
+        assert router.daemon.config.routes.default == ("c",)
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: r.delivered_to("c") == ["m-1"])
+
+    assert recorder.received == [("m-1", ("c",))]
+
+
+async def test_a_journal_failure_during_a_reload_does_not_half_apply_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Dead-lettering a removed sink's pending deliveries is a journal write. While the journal
+    # refuses it, the reload still switches wholly (routes, keys and sinks together) and the
+    # dead-lettering is tried again until it works.
+    caplog.set_level(logging.INFO)
+    tracker, recorder = Tracker(failing_tags={"down"}, retry_after=3600), Recorder()
+    setup = Setup(tmp_path, SinkPlugin(tracker.sink_class()), recorder)
+    config = setup.load(default=["a", "gone"], sinks={"a": tracking(), "gone": tracking("down")})
+    journal_file = config.journal.path / "journal.sqlite3"
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: r.delivered_to("a") == ["m-1"] and len(r.failed) == 1)
+        # A real SQLite write failure, from the journal's own writer: a trigger refusing to
+        # make any delivery dead.
+        with contextlib.closing(sqlite3.connect(journal_file)) as conn:
+            conn.execute(
+                "CREATE TRIGGER no_dead_letters BEFORE UPDATE OF state ON deliveries"
+                " WHEN NEW.state = 'dead' BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+            )
+            conn.commit()
+
+        setup.rewrite(default=["a"], sinks={"a": tracking()}, routes=[])
+        assert await router.reload() is True
+        daemon = router.daemon
+        assert set(daemon.config.sinks) == set(daemon.dispatcher.runners) == {"a"}
+        assert daemon.ingress.runtime.config is daemon.config
+        await eventually(lambda: "dead-letter-failed" in caplog.text)
+        assert rows_by_message(config)["m-1"]["gone"] == "pending"
+
+        with contextlib.closing(sqlite3.connect(journal_file)) as conn:
+            conn.execute("DROP TRIGGER no_dead_letters")
+            conn.commit()
+        await eventually(lambda: rows_by_message(config)["m-1"]["gone"] == "dead")
+        assert "reload-refused" not in caplog.text
+
+    assert rows_by_message(config) == {"m-1": {"a": "delivered", "gone": "dead"}}
 
 
 async def test_a_reload_keeps_the_logging_setup_unless_the_log_section_changes(
