@@ -138,7 +138,12 @@ def _no_surrounding_space(value: Any) -> Any:
 
 
 class AuthConfig(_Strict):
-    accept: list[Scheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
+    """``auth:``. ``accept`` defaults to ``[signature]`` alone: ``x-webhook-key`` carries the
+    shared key itself in a header (through every proxy and header log, and whoever sees it
+    once can sign anything), and Metriport has sent only ``x-metriport-signature`` since
+    2024-07. ``key`` is accepted only when configured, with a warning."""
+
+    accept: list[Scheme] = Field(default_factory=lambda: ["signature"], min_length=1)
     keys: list[Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]] = Field(min_length=1)
 
 
@@ -319,6 +324,7 @@ def load_config(
     _check_route_targets(src, raw_sinks if isinstance(raw_sinks, dict) else {})
     if doc is None or src.problems:
         raise ConfigError(src.problems)
+    _warn_about_exposure(src, doc)
     table = RouteTable(
         tuple(Route(tuple(r.match), tuple(r.to)) for r in doc.routes), tuple(doc.default)
     )
@@ -334,6 +340,18 @@ def load_config(
         warnings=tuple(src.warnings),
         extra_plugins=tuple(extra_plugins),
     )
+
+
+def _warn_about_exposure(src: yamlsource.Source, doc: _Document) -> None:
+    """Settings that are valid but expose more than they should: said by ``check`` and logged
+    at start (and on each reload)."""
+    if "key" in doc.auth.accept:
+        src.warning(
+            ("auth", "accept"),
+            "accepts x-webhook-key: the webhook key itself then travels in a header, seen by"
+            " every proxy and header log, and whoever sees it once can sign anything; Metriport"
+            " sends x-metriport-signature only: remove `key` unless a legacy sender needs it",
+        )
 
 
 def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:

@@ -53,6 +53,11 @@ class Source:
     def problem(self, path: KeyPath, message: str) -> None:
         self.problems.append(ConfigProblem(self.file, self.line_of(path), dotted(path), message))
 
+    def warning(self, path: KeyPath, message: str) -> None:
+        """A warning worded like a problem (file:line: key: text): the file stays valid."""
+        problem = ConfigProblem(self.file, self.line_of(path), dotted(path), message)
+        self.warnings.append(str(problem))
+
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> Source:
     source = Source(str(path))

@@ -57,6 +57,23 @@ def problems_of(path: Path, environ: dict[str, str] | None = None) -> tuple[Conf
 # -- the example configuration -----------------------------------------------------------------
 
 
+def test_auth_accepts_the_signature_alone_by_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), environ={})
+    assert config.auth.accept == ["signature"]
+    assert config.warnings == ()
+
+
+def test_accepting_x_webhook_key_is_a_warning_naming_file_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, GOOD.replace("  keys: [k1]\n", "  keys: [k1]\n  accept: [signature, key]\n")
+    )
+    config = load_config(path, environ={})
+    assert config.auth.accept == ["signature", "key"]
+    (warning,) = config.warnings
+    assert warning.startswith(f"{path}:5: auth.accept: accepts x-webhook-key")
+    assert "k1" not in warning
+
+
 def test_example_config_loads_with_key_from_environ(tmp_path: Path) -> None:
     config = load_config(EXAMPLE, environ={"METRIPORT_WEBHOOK_KEY": "example-key"})
     assert config.file == EXAMPLE
@@ -64,7 +81,7 @@ def test_example_config_loads_with_key_from_environ(tmp_path: Path) -> None:
     assert config.server.listen == ["127.0.0.1:8080"]
     assert config.server.path == "/webhook"
     assert config.server.max_body_bytes == 268435456
-    assert config.auth.accept == ["signature", "key"]
+    assert config.auth.accept == ["signature"]
     assert list(config.sinks) == ["medical", "events", "everything-else"]
     assert config.routes.sinks_for("medical.document-download") == ("medical",)
     assert config.routes.sinks_for("network-query.done") == ("events",)
