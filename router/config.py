@@ -128,6 +128,7 @@ class ServerConfig(_Strict):
 
 Scheme = Literal["signature", "key"]
 SCHEMES: tuple[Scheme, ...] = ("signature", "key")
+DEFAULT_ACCEPT: tuple[Scheme, ...] = ("signature",)
 
 
 def _no_surrounding_space(value: Any) -> Any:
@@ -143,7 +144,7 @@ class AuthConfig(_Strict):
     once can sign anything), and Metriport has sent only ``x-metriport-signature`` since
     2024-07. ``key`` is accepted only when configured, with a warning."""
 
-    accept: list[Scheme] = Field(default_factory=lambda: ["signature"], min_length=1)
+    accept: list[Scheme] = Field(default_factory=lambda: list(DEFAULT_ACCEPT), min_length=1)
     keys: list[Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]] = Field(min_length=1)
 
 
@@ -260,12 +261,17 @@ class Config:
     warnings: tuple[str, ...] = ()
     #: The ``extra_plugins`` given to ``load_config``: a reload registers them again.
     extra_plugins: tuple[object, ...] = field(default=(), compare=False, repr=False)
+    #: Where secrets were left unread (``load_config(..., secrets=False)``): such a
+    #: configuration serves the operator commands, never the daemon.
+    unresolved_secrets: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
         return self.file.parent
 
     def key_bytes(self) -> tuple[bytes, ...]:
+        if self.unresolved_secrets:
+            raise ValueError("the configuration was loaded without its secrets")
         return tuple(k.get_secret_value().encode() for k in self.auth.keys)
 
 
@@ -283,13 +289,15 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     entry_points: bool = True,
     extra_plugins: Sequence[object] = (),
+    secrets: bool = True,
 ) -> Config:
     """Load and validate a configuration file; raise ``ConfigError`` listing every problem.
 
     ``extra_plugins`` are registered beside the configured ones (tests use it to add
-    throwaway plugins inline)."""
+    throwaway plugins inline). ``secrets=False`` reads no secret (see ``router.yamlsource``):
+    for the operator commands, which need the journal and the routes, not the keys."""
     path = path.absolute()
-    src = yamlsource.load(path, environ)
+    src = yamlsource.load(path, environ, secrets=secrets)
     if src.data is None:  # unreadable, or not YAML: nothing more to check
         raise ConfigError(src.problems)
     if not isinstance(src.data, dict):
@@ -339,6 +347,7 @@ def load_config(
         plugin_manager=pm,
         warnings=tuple(src.warnings),
         extra_plugins=tuple(extra_plugins),
+        unresolved_secrets=tuple(yamlsource.dotted(p) for p in src.unresolved),
     )
 
 

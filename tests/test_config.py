@@ -510,6 +510,16 @@ sinks:
     )
 
 
+def test_without_secrets_nothing_is_read_and_the_keys_cannot_be_used(tmp_path: Path) -> None:
+    path = secret_config(tmp_path, "env: WR_TEST_UNSET")
+    config = load_config(path, environ={}, secrets=False)
+    assert config.unresolved_secrets == ("auth.keys[0]",)
+    with pytest.raises(ValueError, match="without its secrets"):
+        config.key_bytes()
+    (problem,) = problems_of(path)
+    assert problem.message == "environment variable WR_TEST_UNSET is not set"
+
+
 def test_env_secret_comes_from_the_environ_argument(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
