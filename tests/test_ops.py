@@ -409,6 +409,9 @@ def test_status_counts_ages_and_errors_match_the_journal(
     assert st.sinks["reject"] == {**expected_status(router)["reject"], "configured": True}
     assert [st.table["reject"][k] for k in ("pending", "retrying", "dead")] == ["2", "0", "0"]
     assert re.match(r"^\d+(\.\d)?[smhd]$", st.table["reject"]["oldest"])
+    # What the journal holds on disk, counted as the daemon's journal_bytes gauge counts it.
+    on_disk = sum(p.stat().st_size for p in router.journal.rglob("*") if p.is_file())
+    assert st.doc["journal_bytes"] == on_disk
 
     # A sink still in the journal but gone from the configuration.
     del sinks["reject"]
