@@ -252,10 +252,10 @@ class Journal:
         self._conn = conn
 
     def _migrate_auto_vacuum(self, conn: sqlite3.Connection) -> None:
-        """Journals made by earlier versions were created without auto_vacuum (the switch to WAL came
-        first), so retention never gave space back. One VACUUM rewrites the file with it; it
-        needs free space about the database's size, and a failure leaves the journal as it was
-        (it keeps working, without giving space back; the next start tries again)."""
+        """Journals made by earlier versions have no auto_vacuum (the switch to WAL came first),
+        so retention never gave space back. One VACUUM rewrites the file with it; it needs free
+        space about the database's size, and a failure leaves the journal as it was (it keeps
+        working, without giving space back; the next start tries again)."""
         before = size_on_disk(self.directory)
         log.warning(kv("journal-vacuum", reason="enabling auto_vacuum", bytes=before))
         started = time.monotonic()
