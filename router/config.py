@@ -9,6 +9,7 @@ resolve against the configuration file's folder. Secrets are ``{env: NAME}`` or
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -361,6 +362,29 @@ def _warn_about_exposure(src: yamlsource.Source, doc: _Document) -> None:
             " every proxy and header log, and whoever sees it once can sign anything; Metriport"
             " sends x-metriport-signature only: remove `key` unless a legacy sender needs it",
         )
+    public = [a for a in doc.server.listen if not _local(a)]
+    if public and not doc.server.admin_listen:
+        src.warning(
+            ("server", "listen"),
+            f"/metrics, /readyz and /healthz are served on {', '.join(public)}, which is not a"
+            " loopback address: operational data (sink names and states, message counts by"
+            ' type) on the public port; set server.admin_listen: ["127.0.0.1:9090"]',
+        )
+
+
+def _local(address: str) -> bool:
+    """Whether a ``listen`` address is reachable from this host only: a loopback address or a
+    unix socket. An inherited ``fd://N`` socket cannot be told from the file, and counts as
+    local here."""
+    if address.startswith(("unix:", "fd://")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:

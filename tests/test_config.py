@@ -57,6 +57,31 @@ def problems_of(path: Path, environ: dict[str, str] | None = None) -> tuple[Conf
 # -- the example configuration -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin", "warned"),
+    [
+        ('["0.0.0.0:8080"]', "", True),
+        ('["[::]:8080"]', "", True),
+        ('["router.example.org:8080"]', "", True),
+        ('["127.0.0.1:8080", "10.0.0.5:8080"]', "", True),
+        ('["0.0.0.0:8080"]', '\n  admin_listen: ["127.0.0.1:9090"]', False),
+        ('["127.0.0.2:8080", "[::1]:8080", "localhost:8080"]', "", False),
+        ('["unix:/run/webhook-router.sock"]', "", False),
+    ],
+)
+def test_admin_endpoints_on_a_public_address_are_a_warning(
+    tmp_path: Path, listen: str, admin: str, warned: bool
+) -> None:
+    text = GOOD.replace('listen: ["127.0.0.1:8080"]', f"listen: {listen}{admin}")
+    config = load_config(write(tmp_path, text), environ={})
+    if not warned:
+        assert config.warnings == ()
+        return
+    (warning,) = config.warnings
+    assert warning.startswith(f"{tmp_path / 'config.yaml'}:2: server.listen: /metrics, /readyz")
+    assert "server.admin_listen" in warning
+
+
 def test_auth_accepts_the_signature_alone_by_default(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD), environ={})
     assert config.auth.accept == ["signature"]
