@@ -184,8 +184,10 @@ def _damaged(e: BaseException) -> str:
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     # First: SQLite takes auto_vacuum only before the file's first page is written, and the
-    # switch to WAL writes it. On an existing file this only says what a VACUUM would do.
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # switch to WAL writes it. Only on a new file: on an existing one the pragma writes the
+    # header, and a damaged file must be left as it was found.
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -260,6 +262,7 @@ class Journal:
         log.warning(kv("journal-vacuum", reason="enabling auto_vacuum", bytes=before))
         started = time.monotonic()
         try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # what the VACUUM then applies
             conn.execute("VACUUM")
         except sqlite3.Error as e:
             log.error(kv("journal-vacuum-failed", error=str(e)))
