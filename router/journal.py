@@ -33,6 +33,7 @@ import anyio.to_thread
 
 from router.errors import JournalUnavailable
 from router.groupcommit import GroupCommit
+from router.logs import kv
 from router.message import Message
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,28 @@ def sink_counts(conn: sqlite3.Connection) -> dict[str, SinkCounts]:
     return {sink: SinkCounts(*values) for sink, values in counts.items()}
 
 
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+#: Free pages given back to the file system per transaction after a sweep (4 KiB each).
+VACUUM_PAGES = 500
+
+
+def size_on_disk(directory: Path) -> int:
+    """Bytes the journal in ``directory`` holds on disk: the database with its write-ahead log
+    and shared-memory file, and every body stored in ``bodies/``. ``status`` and the
+    ``journal_bytes`` gauge both report this."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in directory.iterdir():
+            if path.name.startswith("journal.sqlite3"):
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+    with contextlib.suppress(OSError):
+        for path in (directory / "bodies").iterdir():
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return total
+
+
 #: What the error for a damaged journal file tells the operator to do.
 RECOVERY = (
     "stop, move the journal folder aside and rebuild it with `sqlite3 DAMAGED .recover | sqlite3"
@@ -160,6 +183,11 @@ def _damaged(e: BaseException) -> str:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    # First: SQLite takes auto_vacuum only before the file's first page is written, and the
+    # switch to WAL writes it. Only on a new file: on an existing one the pragma writes the
+    # header, and a damaged file must be left as it was found.
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -210,8 +238,8 @@ class Journal:
             check = " ".join(conn.execute("PRAGMA quick_check").fetchone()[0].split())
             if check != "ok":
                 raise JournalUnavailable(f"journal {self.path} is damaged: {check}; {RECOVERY}")
-            if version == 0:
-                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+                self._migrate_auto_vacuum(conn)
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.Error, OSError, JournalUnavailable) as e:
@@ -224,6 +252,29 @@ class Journal:
         except OSError as e:
             log.warning("could not clear unreferenced stored files: %s", e.strerror)
         self._conn = conn
+
+    def _migrate_auto_vacuum(self, conn: sqlite3.Connection) -> None:
+        """Journals made by earlier versions have no auto_vacuum (the switch to WAL came first),
+        so retention never gave space back. One VACUUM rewrites the file with it; it needs free
+        space about the database's size, and a failure leaves the journal as it was (it keeps
+        working, without giving space back; the next start tries again)."""
+        before = size_on_disk(self.directory)
+        log.warning(kv("journal-vacuum", reason="enabling auto_vacuum", bytes=before))
+        started = time.monotonic()
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # what the VACUUM then applies
+            conn.execute("VACUUM")
+        except sqlite3.Error as e:
+            log.error(kv("journal-vacuum-failed", error=str(e)))
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.warning(
+            kv(
+                "journal-vacuumed",
+                bytes=size_on_disk(self.directory),
+                seconds=round(time.monotonic() - started, 3),
+            )
+        )
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -452,13 +503,8 @@ class Journal:
         return result
 
     def size_bytes(self) -> int:
-        """The journal's size on disk (database, write-ahead log, bodies stored beside it)."""
-        total = 0
-        for path in self.directory.iterdir():
-            if path.name.startswith(self.path.name) or path.name == "bodies":
-                with contextlib.suppress(OSError):
-                    total += path.stat().st_size
-        return total
+        """The journal's size on disk (see ``size_on_disk``)."""
+        return size_on_disk(self.directory)
 
     async def sweep(self, retention: float, now: float | None = None, batch: int = 1000) -> int:
         """Remove messages older than ``retention`` whose every delivery is done; return how
@@ -492,8 +538,25 @@ class Journal:
             if count < batch:
                 break
         if removed:
-            await self._write(lambda conn: conn.execute("PRAGMA incremental_vacuum(2000)"))
+            await self._give_space_back()
         return removed
+
+    async def _give_space_back(self) -> None:
+        """Hand the pages the sweep freed back to the file system (``auto_vacuum=INCREMENTAL``;
+        the file shrinks at the next checkpoint), ``VACUUM_PAGES`` per transaction so that
+        requests are never held up for long. Python's sqlite3 steps a statement that returns
+        no rows once, and each step of ``incremental_vacuum`` frees one page: hence the loop."""
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int]:
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            for _ in range(min(free, VACUUM_PAGES)):
+                conn.execute("PRAGMA incremental_vacuum")
+            return free, int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+        while True:
+            before, after = await self._write(write)
+            if after == 0 or after >= before:  # all given back, or auto_vacuum is off
+                break
 
     def _unlink(self, names: Iterable[str]) -> None:
         for name in names:

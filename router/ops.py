@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from router.config import Config, parse_duration
-from router.journal import SinkCounts, sink_counts
+from router.journal import SinkCounts, sink_counts, size_on_disk
 from router.parse import BadMessage, parse
 from router.routing import matches, route
 
@@ -113,10 +113,7 @@ def status(config: Config) -> Status:
         )
         for name in names
     ]
-    size = sum(
-        p.stat().st_size for p in config.journal.path.glob("journal.sqlite3*") if p.is_file()
-    )
-    return Status(messages, unrouted, duplicates, size, sinks)
+    return Status(messages, unrouted, duplicates, size_on_disk(config.journal.path), sinks)
 
 
 # -- dead letters -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from router.config import Config, load_config
 from router.journal import Journal
 from router.message import Message
 from router.testing import Recorder, RunningRouter, body_for, running_router, write_config
-from tests.conftest import base_config, query_journal, signed
+from tests.conftest import TEST_KEY, base_config, query_journal, signed
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT, UMOUNT, SQLITE3 = shutil.which("mount"), shutil.which("umount"), shutil.which("sqlite3")
@@ -189,7 +189,9 @@ def write_journal(directory: Path, count: int = 300) -> dict[str, bytes]:
 
 
 def cli_config(tmp_path: Path, journal: Path) -> Path:
-    doc = base_config(tmp_path, journal={"path": str(journal)})
+    # The signature alone: accepting x-webhook-key would add a warning to the one line.
+    auth = {"accept": ["signature"], "keys": [TEST_KEY]}
+    doc = base_config(tmp_path, journal={"path": str(journal)}, auth=auth)
     return write_config(tmp_path, doc)
 
 
