@@ -76,11 +76,28 @@ class Ticket:
         self.reserved = 0
         self.written = 0
 
-    def reserve(self, directory: Path, total: int, max_unverified: Limit, min_free: Limit) -> None:
-        """Hold ``total`` bytes in all (raises ``OverBudget``, holding what it held)."""
-        if total > self.reserved:
-            self._budget.check(directory, total, total - self.reserved, max_unverified, min_free)
-            self.reserved = total
+    def reserve(
+        self,
+        directory: Path,
+        total: int,
+        max_unverified: Limit,
+        min_free: Limit,
+        needed: int | None = None,
+    ) -> None:
+        """Hold ``total`` bytes in all, or at least ``needed`` (a chunked body reserving ahead)
+        when ``total`` is more than the budget has; raises ``OverBudget``, holding what it
+        held."""
+        needed = total if needed is None else min(needed, total)
+        if total <= self.reserved:
+            return
+        try:
+            self._budget.check(directory, needed, total - self.reserved, max_unverified, min_free)
+        except OverBudget:
+            if needed <= self.reserved or needed == total:
+                raise
+            self._budget.check(directory, needed, needed - self.reserved, max_unverified, min_free)
+            total = needed
+        self.reserved = total
 
     def release(self) -> None:
         """The body is verified, refused or gone: its bytes no longer count."""

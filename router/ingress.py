@@ -183,10 +183,14 @@ class Ingress:
         finally:
             ticket.release()
 
-    def _reserve(self, rt: Runtime, ticket: Ticket, total: int) -> None:
+    def _reserve(self, rt: Runtime, ticket: Ticket, total: int, needed: int | None = None) -> None:
         server = rt.config.server
         ticket.reserve(
-            rt.journal.directory, total, server.max_unverified_bytes, server.min_free_bytes
+            rt.journal.directory,
+            total,
+            server.max_unverified_bytes,
+            server.min_free_bytes,
+            needed,
         )
 
     async def _over_budget(self, rt: Runtime, send: Send, e: OverBudget) -> int:
@@ -226,7 +230,7 @@ class Ingress:
             more (a chunked body: ``STEP`` at a time) before it goes past its reservation."""
             ticket.written = spool.size if spool.spooled else 0
             if size > spool.threshold and size > ticket.reserved:
-                self._reserve(rt, ticket, min(size + STEP, max(size, server.max_body_bytes)))
+                self._reserve(rt, ticket, max(size, min(size + STEP, server.max_body_bytes)), size)
 
         try:
             return await self._received(
