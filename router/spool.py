@@ -50,6 +50,7 @@ class Spool:
         self._chunks: list[bytes] = []
         self._pending = 0  # bytes in _chunks not yet written to the file
         self._fd: int | None = None
+        self._written = 0  # bytes in the file
         self._parser: StreamParser | None = None
         self._parsed: Parsed | BadMessage | None = None
         self.path: Path | None = None
@@ -74,6 +75,8 @@ class Spool:
         self._chunks = []
         self._pending = 0
         durable.write_all(self._fd, data)
+        durable.start_writeback(self._fd, self._written, len(data))
+        self._written += len(data)
         self._parser.feed(data)
 
     def _spill(self) -> None:
