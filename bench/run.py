@@ -511,7 +511,8 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
         path = opts.tmp / f"consolidated-{mib}MiB-throttled.json"
         size, signature = payloads.write_large_body(path, mib * MIB, KEY.encode(), tag=1900)
         rate = opts.large_throttle_mbit * 1e6 / 8
-        bodies.append((f"{mib}MiB@{opts.large_throttle_mbit:g}Mbit", mib, path, size, signature, rate))
+        name = f"{mib}MiB@{opts.large_throttle_mbit:g}Mbit"
+        bodies.append((name, mib, path, size, signature, rate))
     log(f"large bodies: generated {', '.join(name for name, *_ in bodies)}")
     router = start_router("router-large", opts.tmp, opts.server_cpu)
     port = router.server.port
@@ -759,7 +760,9 @@ def parse_args() -> Options:
         fixed_duration=a.fixed_duration or (5.0 if quick else 15.0),
         e2e_count=a.e2e_count or (5_000 if quick else 20_000),
         large_sizes=[int(x) for x in sizes.split(",") if x.strip()],
-        large_throttled=a.large_throttled if a.large_throttled is not None else (0 if quick else 200),
+        large_throttled=(
+            a.large_throttled if a.large_throttled is not None else (0 if quick else 200)
+        ),
         large_throttle_mbit=a.large_throttle_mbit,
         profile=a.profile,
         skip_peer=a.skip_peer,
