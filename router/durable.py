@@ -55,7 +55,8 @@ def make_dirs(path: Path) -> None:
     durable inside a new folder is lost in a crash if the folder's own entry is not on disk."""
     if path.is_dir():
         return
-    make_dirs(path.parent)
+    if not path.parent.exists():  # (a file there: mkdir below says "Not a directory")
+        make_dirs(path.parent)
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
