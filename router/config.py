@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from router import plugins, yamlsource
+from router.diskbudget import Limit, bytes_or_share
 from router.errors import ConfigError
 from router.routing import Route, RouteTable
 from router.sink import Sink, SinkContext, SinkOptions
@@ -106,6 +107,11 @@ class ServerConfig(_Strict):
       many bytes of memory together. A body past 1 MiB is written to the journal's folder as it
       arrives and counts as 1 MiB. A request that would go over is answered 503 with
       ``Retry-After``; a request alone is always admitted up to ``max_body_bytes``.
+    - ``max_unverified_bytes`` (50%) and ``min_free_bytes`` (5%): bodies written to the
+      journal's folder before their signature is verified hold at most this much disk together
+      (bytes, or a share of the space free beyond the reserve), and never take the journal's
+      filesystem below this much free space (bytes, or a share of its size); see
+      ``router.diskbudget``.
     """
 
     listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
@@ -125,6 +131,8 @@ class ServerConfig(_Strict):
     max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 1024
     max_buffered_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024 * 1024
+    max_unverified_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.5
+    min_free_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.05
 
 
 Scheme = Literal["signature", "key"]

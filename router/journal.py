@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
+from router import durable
 from router.errors import JournalUnavailable
 from router.groupcommit import GroupCommit
 from router.logs import kv
@@ -222,7 +223,7 @@ class Journal:
 
     def _open_sync(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            durable.make_dirs(self.directory)  # its entry on disk before any promise in it
             conn = _connect(self.path)
         except (sqlite3.Error, OSError) as e:
             raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
