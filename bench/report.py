@@ -26,6 +26,10 @@ TARGETS: dict[str, tuple[float, bool, str]] = {  # name: (bound, higher is bette
     "rss_idle_mb": (60.0, False, "<= 60 MB"),
     "rss_load_mb": (150.0, False, "<= 150 MB"),
     "large_rss_growth_mb": (64.0, False, "<= 64 MB"),
+    # Issue 13: what Metriport's sender waits after its last byte (its idle timer is 5 s).
+    "large_silence_200_s": (2.0, False, "<= 2.0 s"),
+    "large_silence_256_s": (2.5, False, "<= 2.5 s"),
+    "large_silence_throttled_s": (0.5, False, "<= 0.5 s"),
     "soak_last_vs_first": (0.9, True, ">= 0.9"),
 }
 
@@ -224,6 +228,17 @@ def report(results: dict[str, Any]) -> str:
             row(
                 f"  {key}: status {r['status']}, 200 after / delivered after",
                 f"{fmt(r['time_to_200_s'], ' s', 2)} / {fmt(r['time_to_delivered_s'], ' s', 2)}",
+            )
+            silence = r.get("silence_after_last_byte_s")
+            which = (
+                "large_silence_throttled_s"
+                if r.get("upload_mbit_s")
+                else {200: "large_silence_200_s", 256: "large_silence_256_s"}.get(r["size_mib"])
+            )
+            row(
+                f"  {key}: silence after the last byte",
+                fmt(silence, " s", 2),
+                *(verdict(silence, which) if which else ("", "")),
             )
             row(f"  {key}: peak RSS growth", fmt(growth, " MB", 1), target, ok)
     soak = results.get("soak", {})

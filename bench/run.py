@@ -84,6 +84,8 @@ class Options:
     fixed_duration: float
     e2e_count: int
     large_sizes: list[int]
+    large_throttled: int
+    large_throttle_mbit: float
     profile: float
     skip_peer: bool
     ingest_only: bool
@@ -460,8 +462,13 @@ def _ms(seconds: float | None) -> float | None:
     return round(seconds * 1000, 1) if seconds is not None else None
 
 
-def post_file(port: int, path: Path, size: int, signature: str, timeout: float) -> int:
-    """POST a file as the body (streamed with sendfile); the answer's status."""
+def post_file(
+    port: int, path: Path, size: int, signature: str, timeout: float, rate: float = 0.0
+) -> tuple[int, float]:
+    """POST a file as the body (streamed with sendfile, or paced at ``rate`` bytes/s); the
+    answer's status and the silence after the last byte: from the last byte handed to the
+    socket to the first byte of the answer. That is what Metriport's sender times (axios's
+    ``timeout`` is the socket's inactivity timeout: 5 s)."""
     head = (
         f"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: Metriport API\r\n"
         f"Content-Type: application/json\r\nContent-Length: {size}\r\n"
@@ -470,14 +477,26 @@ def post_file(port: int, path: Path, size: int, signature: str, timeout: float) 
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head)
         with path.open("rb") as f, contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendfile(f)
-        answer = b""
-        while b"\r\n" not in answer:
+            if rate <= 0:
+                sock.sendfile(f)
+            else:  # paced: a piece every piece/rate seconds, as a real link would take it
+                start, sent = time.monotonic(), 0
+                while piece := f.read(64 * 1024):
+                    sock.sendall(piece)
+                    sent += len(piece)
+                    ahead = start + sent / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+        last_byte = time.monotonic()
+        answer = sock.recv(4096)
+        silence = time.monotonic() - last_byte
+        while answer and b"\r\n" not in answer:
             chunk = sock.recv(4096)
             if not chunk:
                 break
             answer += chunk
-    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    return status, silence
 
 
 def large_phase(opts: Options, results: dict[str, Any]) -> None:
@@ -486,20 +505,27 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
     for i, mib in enumerate(opts.large_sizes):
         path = opts.tmp / f"consolidated-{mib}MiB.json"
         size, signature = payloads.write_large_body(path, mib * MIB, KEY.encode(), tag=1000 + i)
-        bodies.append((mib, path, size, signature))
-    log(f"large bodies: generated {', '.join(f'{m} MiB' for m, *_ in bodies)}")
+        bodies.append((f"{mib}MiB", mib, path, size, signature, 0.0))
+    if opts.large_throttled and opts.large_throttle_mbit > 0:
+        mib = opts.large_throttled
+        path = opts.tmp / f"consolidated-{mib}MiB-throttled.json"
+        size, signature = payloads.write_large_body(path, mib * MIB, KEY.encode(), tag=1900)
+        rate = opts.large_throttle_mbit * 1e6 / 8
+        name = f"{mib}MiB@{opts.large_throttle_mbit:g}Mbit"
+        bodies.append((name, mib, path, size, signature, rate))
+    log(f"large bodies: generated {', '.join(name for name, *_ in bodies)}")
     router = start_router("router-large", opts.tmp, opts.server_cpu)
     port = router.server.port
     try:
         time.sleep(1.0)
         out["rss_idle_mb"] = router.server.rss_mb()
-        for mib, path, size, signature in bodies:
+        for name, mib, path, size, signature, rate in bodies:
             delivered0, _ = delivered_and_accepted(port)
             peak_reset = clear_peak_rss(router.server.pid)
             rss0 = router.server.rss_mb()
             t0 = time.monotonic()
             with Sampler(router.server.pid, opts.server_cpu, opts.load_cpu) as sampler:
-                status = post_file(port, path, size, signature, timeout=600)
+                status, silence = post_file(port, path, size, signature, 600, rate)
                 t_200 = time.monotonic() - t0
                 hwm_at_200 = router.server.rss_mb("VmHWM")
                 t_delivered = None
@@ -514,6 +540,8 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
                 "size_mib": mib,
                 "bytes": size,
                 "status": status,
+                "upload_mbit_s": round(rate * 8 / 1e6) if rate else None,
+                "silence_after_last_byte_s": round(silence, 2),
                 "time_to_200_s": round(t_200, 2),
                 "time_to_delivered_s": round(t_delivered, 2) if t_delivered else None,
                 "rss_before_mb": rss0,
@@ -524,9 +552,10 @@ def large_phase(opts: Options, results: dict[str, Any]) -> None:
                 "rss_after_mb": router.server.rss_mb(),
                 **{k: v for k, v in sampler.summary().items() if k != "max_rss_mb"},
             }
-            out[f"{mib}MiB"] = row
+            out[name] = row
             log(
-                f"  {mib} MiB: {status} after {row['time_to_200_s']} s, delivered after "
+                f"  {name}: {status} after {row['time_to_200_s']} s (silence after the last byte"
+                f" {row['silence_after_last_byte_s']} s), delivered after "
                 f"{row['time_to_delivered_s']} s, peak RSS +{row['peak_rss_growth_mb']} MB"
             )
             path.unlink()
@@ -657,7 +686,19 @@ def parse_args() -> Options:
     p.add_argument("--quick", action="store_true", help="short runs, 5,000 e2e, 16 MiB only")
     p.add_argument("--e2e-count", type=int, help="end-to-end messages (default 20,000)")
     p.add_argument("--fixed-duration", type=float, help="seconds per fixed-rate run (15)")
-    p.add_argument("--large", default=None, help="MiB sizes, comma-separated (16,64,256)")
+    p.add_argument("--large", default=None, help="MiB sizes, comma-separated (16,64,200,256)")
+    p.add_argument(
+        "--large-throttled",
+        type=int,
+        default=None,
+        help="MiB of one more large body sent paced at --large-throttle-mbit (200; 0: none)",
+    )
+    p.add_argument(
+        "--large-throttle-mbit",
+        type=float,
+        default=100.0,
+        help="upload rate of the throttled large body, Mbit/s (100: a real link)",
+    )
     p.add_argument(
         "--phases",
         default="throughput,latency,large",
@@ -709,7 +750,7 @@ def parse_args() -> Options:
     if ncpu < 2:
         server_cpu = load_cpu = None
     quick = a.quick
-    sizes = a.large or ("16" if quick else "16,64,256")
+    sizes = a.large or ("16" if quick else "16,64,200,256")
     return Options(
         duration=a.duration or (3.0 if quick else 10.0),
         connections=a.connections,
@@ -719,6 +760,10 @@ def parse_args() -> Options:
         fixed_duration=a.fixed_duration or (5.0 if quick else 15.0),
         e2e_count=a.e2e_count or (5_000 if quick else 20_000),
         large_sizes=[int(x) for x in sizes.split(",") if x.strip()],
+        large_throttled=(
+            a.large_throttled if a.large_throttled is not None else (0 if quick else 200)
+        ),
+        large_throttle_mbit=a.large_throttle_mbit,
         profile=a.profile,
         skip_peer=a.skip_peer,
         ingest_only=not a.skip_ingest_only,

@@ -51,7 +51,7 @@ class Verifier:
 class Verification:
     """The verification of one request in progress."""
 
-    __slots__ = ("_given_keys", "_macs", "_signatures", "keys")
+    __slots__ = ("_given_keys", "_key_ok", "_macs", "_signatures", "keys")
 
     def __init__(
         self,
@@ -64,15 +64,18 @@ class Verification:
         self._signatures = signatures
         self._given_keys = given_keys
         self._macs = [m.copy() for m in macs] if signatures else []
+        # Known from the headers: compared once, here (constant-time, with every key).
+        self._key_ok = _any_equal(given_keys[0], keys) if len(given_keys) == 1 else False
 
     @property
     def hopeless(self) -> bool:
-        """True when the request can never verify (no credential, or a repeated one), so the
-        body need not be read."""
+        """True when the request can never verify (no credential, a repeated one, or a key
+        header matching no key), so the body need not be read, let alone stored."""
         return (
             not (self._signatures or self._given_keys)
             or len(self._signatures) > 1
             or len(self._given_keys) > 1
+            or (bool(self._given_keys) and not self._key_ok)
         )
 
     def update(self, chunk: bytes) -> None:
@@ -88,7 +91,7 @@ class Verification:
             given = self._signatures[0]
             ok &= _any_equal(given, (m.hexdigest().encode() for m in self._macs))
         if self._given_keys:
-            ok &= _any_equal(self._given_keys[0], self.keys)
+            ok &= self._key_ok
         return ok
 
 

@@ -9,6 +9,7 @@ resolve against the configuration file's folder. Secrets are ``{env: NAME}`` or
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from router import plugins, yamlsource
+from router.diskbudget import Limit, bytes_or_share
 from router.errors import ConfigError
 from router.routing import Route, RouteTable
 from router.sink import Sink, SinkContext, SinkOptions
@@ -105,6 +107,11 @@ class ServerConfig(_Strict):
       many bytes of memory together. A body past 1 MiB is written to the journal's folder as it
       arrives and counts as 1 MiB. A request that would go over is answered 503 with
       ``Retry-After``; a request alone is always admitted up to ``max_body_bytes``.
+    - ``max_unverified_bytes`` (50%) and ``min_free_bytes`` (5%): bodies written to the
+      journal's folder before their signature is verified hold at most this much disk together
+      (bytes, or a share of the space free beyond the reserve), and never take the journal's
+      filesystem below this much free space (bytes, or a share of its size); see
+      ``router.diskbudget``.
     """
 
     listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
@@ -124,10 +131,13 @@ class ServerConfig(_Strict):
     max_header_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 1024
     max_buffered_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024 * 1024
+    max_unverified_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.5
+    min_free_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.05
 
 
 Scheme = Literal["signature", "key"]
 SCHEMES: tuple[Scheme, ...] = ("signature", "key")
+DEFAULT_ACCEPT: tuple[Scheme, ...] = ("signature",)
 
 
 def _no_surrounding_space(value: Any) -> Any:
@@ -138,7 +148,12 @@ def _no_surrounding_space(value: Any) -> Any:
 
 
 class AuthConfig(_Strict):
-    accept: list[Scheme] = Field(default_factory=lambda: list(SCHEMES), min_length=1)
+    """``auth:``. ``accept`` defaults to ``[signature]`` alone: ``x-webhook-key`` carries the
+    shared key itself in a header (through every proxy and header log, and whoever sees it
+    once can sign anything), and Metriport has sent only ``x-metriport-signature`` since
+    2024-07. ``key`` is accepted only when configured, with a warning."""
+
+    accept: list[Scheme] = Field(default_factory=lambda: list(DEFAULT_ACCEPT), min_length=1)
     keys: list[Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]] = Field(min_length=1)
 
 
@@ -278,6 +293,9 @@ class Config:
     warnings: tuple[str, ...] = ()
     #: The ``extra_plugins`` given to ``load_config``: a reload registers them again.
     extra_plugins: tuple[object, ...] = field(default=(), compare=False, repr=False)
+    #: Where secrets were left unread (``load_config(..., secrets=False)``): such a
+    #: configuration serves the operator commands, never the daemon.
+    unresolved_secrets: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -288,6 +306,8 @@ class Config:
         return any(self.sinks[name].ordered for name in sinks if name in self.sinks)
 
     def key_bytes(self) -> tuple[bytes, ...]:
+        if self.unresolved_secrets:
+            raise ValueError("the configuration was loaded without its secrets")
         return tuple(k.get_secret_value().encode() for k in self.auth.keys)
 
 
@@ -305,13 +325,15 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     entry_points: bool = True,
     extra_plugins: Sequence[object] = (),
+    secrets: bool = True,
 ) -> Config:
     """Load and validate a configuration file; raise ``ConfigError`` listing every problem.
 
     ``extra_plugins`` are registered beside the configured ones (tests use it to add
-    throwaway plugins inline)."""
+    throwaway plugins inline). ``secrets=False`` reads no secret (see ``router.yamlsource``):
+    for the operator commands, which need the journal and the routes, not the keys."""
     path = path.absolute()
-    src = yamlsource.load(path, environ)
+    src = yamlsource.load(path, environ, secrets=secrets)
     if src.data is None:  # unreadable, or not YAML: nothing more to check
         raise ConfigError(src.problems)
     if not isinstance(src.data, dict):
@@ -346,6 +368,7 @@ def load_config(
     _check_route_targets(src, raw_sinks if isinstance(raw_sinks, dict) else {})
     if doc is None or src.problems:
         raise ConfigError(src.problems)
+    _warn_about_exposure(src, doc)
     table = RouteTable(
         tuple(Route(tuple(r.match), tuple(r.to)) for r in doc.routes), tuple(doc.default)
     )
@@ -360,7 +383,43 @@ def load_config(
         plugin_manager=pm,
         warnings=tuple(src.warnings),
         extra_plugins=tuple(extra_plugins),
+        unresolved_secrets=tuple(yamlsource.dotted(p) for p in src.unresolved),
     )
+
+
+def _warn_about_exposure(src: yamlsource.Source, doc: _Document) -> None:
+    """Settings that are valid but expose more than they should: said by ``check`` and logged
+    at start (and on each reload)."""
+    if "key" in doc.auth.accept:
+        src.warning(
+            ("auth", "accept"),
+            "accepts x-webhook-key: the webhook key itself then travels in a header, seen by"
+            " every proxy and header log, and whoever sees it once can sign anything; Metriport"
+            " sends x-metriport-signature only: remove `key` unless a legacy sender needs it",
+        )
+    public = [a for a in doc.server.listen if not _local(a)]
+    if public and not doc.server.admin_listen:
+        src.warning(
+            ("server", "listen"),
+            f"/metrics, /readyz and /healthz are served on {', '.join(public)}, which is not a"
+            " loopback address: operational data (sink names and states, message counts by"
+            ' type) on the public port; set server.admin_listen: ["127.0.0.1:9090"]',
+        )
+
+
+def _local(address: str) -> bool:
+    """Whether a ``listen`` address is reachable from this host only: a loopback address or a
+    unix socket. An inherited ``fd://N`` socket cannot be told from the file, and counts as
+    local here."""
+    if address.startswith(("unix:", "fd://")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:

@@ -457,9 +457,7 @@ class Dispatcher:
     def claimable(self, sinks: Iterable[str], message: Message) -> list[str]:
         """Of ``sinks``, those whose runner can take ``message``, just received, at once (so
         the append claims it for this router)."""
-        return [
-            n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room(message)
-        ]
+        return [n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room(message)]
 
     def offer(self, seq: int, message: Message, claimed: Iterable[str]) -> None:
         """A message was just journaled and claimed for ``claimed``: hand it to their runners

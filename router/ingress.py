@@ -25,6 +25,7 @@ import anyio.to_thread
 from router import plugins
 from router.auth import Verification, Verifier
 from router.config import Config, ServerConfig
+from router.diskbudget import STEP, OverBudget, Ticket, budget_for
 from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
 from router.journal import Journal
@@ -32,7 +33,7 @@ from router.logs import kv
 from router.message import Message
 from router.metrics import CONTENT_TYPE, Metrics
 from router.parse import BadMessage, parse
-from router.spool import SPOOL_THRESHOLD, Spool, parse_file
+from router.spool import SPOOL_THRESHOLD, Spool
 
 log = logging.getLogger("router.ingress")
 
@@ -67,6 +68,14 @@ class Disconnected(Exception):
 
 class Overloaded(Exception):
     pass
+
+
+class NotStored(Exception):
+    """A body could not be written (``OSError``: ENOSPC, EIO, …)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror)
+        self.error = error
 
 
 class _Held:
@@ -157,11 +166,52 @@ class Ingress:
     async def _admitted(
         self, rt: Runtime, scope: Scope, receive: Receive, send: Send, start: float, held: _Held
     ) -> int:
-        server = rt.config.server
         verification = rt.verifier.start(scope["headers"])
-        if verification.hopeless:
+        if verification.hopeless:  # no credential, or a wrong key: refused before any is stored
             rt.metrics.verification_failures.inc()
             return await respond(send, 401)
+        ticket = budget_for(rt.journal.local_dir).ticket()
+        try:
+            declared = _content_length(scope["headers"])
+            if declared > SPOOL_THRESHOLD:  # will go to disk unverified: reserved before read
+                self._reserve(rt, ticket, declared)
+            return await self._verifying(
+                rt, scope, receive, send, start, held, verification, ticket
+            )
+        except OverBudget as e:
+            return await self._over_budget(rt, send, e)
+        finally:
+            ticket.release()
+
+    def _reserve(self, rt: Runtime, ticket: Ticket, total: int, needed: int | None = None) -> None:
+        server = rt.config.server
+        ticket.reserve(
+            rt.journal.local_dir,
+            total,
+            server.max_unverified_bytes,
+            server.min_free_bytes,
+            needed,
+        )
+
+    async def _over_budget(self, rt: Runtime, send: Send, e: OverBudget) -> int:
+        if e.never:
+            text = f"body larger than the {e.limit} bytes that may be stored unverified"
+            log.warning(kv("rejected", reason=text, status=413))
+            return await respond(send, 413, _error(text), JSON, [CLOSE])
+        return await self._overloaded(send, "too many unverified bodies on disk")
+
+    async def _verifying(
+        self,
+        rt: Runtime,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        start: float,
+        held: _Held,
+        verification: Verification,
+        ticket: Ticket,
+    ) -> int:
+        server = rt.config.server
 
         def hold(received: int) -> None:
             """Count body bytes received beyond what was reserved (chunked, or a lying
@@ -174,8 +224,18 @@ class Ingress:
                     raise Overloaded
 
         spool = Spool(rt.journal.bodies)
+
+        def on_disk(size: int) -> None:
+            """Before the spool grows to ``size``: count what it holds on disk, and reserve
+            more (a chunked body: ``STEP`` at a time) before it goes past its reservation."""
+            ticket.written = spool.size if spool.spooled else 0
+            if size > spool.threshold and size > ticket.reserved:
+                self._reserve(rt, ticket, max(size, min(size + STEP, server.max_body_bytes)), size)
+
         try:
-            return await self._received(rt, receive, send, start, verification, spool, hold)
+            return await self._received(
+                rt, receive, send, start, verification, spool, hold, on_disk, ticket
+            )
         finally:
             await spool.discard()  # unless the journal took it (then it is no longer ours)
 
@@ -188,12 +248,14 @@ class Ingress:
         verification: Verification,
         spool: Spool,
         hold: Callable[[int], None],
+        on_disk: Callable[[int], None],
+        ticket: Ticket,
     ) -> int:
         server = rt.config.server
         limit = server.max_body_bytes
         try:
             with anyio.fail_after(server.body_timeout):
-                await _read_body(receive, limit, verification.update, hold, spool)
+                await _read_body(receive, limit, verification.update, hold, on_disk, spool)
         except TooLarge:
             return await respond(
                 send, 413, _error(f"body larger than {limit} bytes"), JSON, [CLOSE]
@@ -204,13 +266,20 @@ class Ingress:
             return await respond(send, 408, _error(text), JSON, [CLOSE])
         except Overloaded:
             return await self._overloaded(send, "too many request bodies in memory")
+        except OverBudget as e:
+            await spool.discard()
+            return await self._over_budget(rt, send, e)
+        except NotStored as e:
+            return await self._not_stored(rt, send, spool, e.error, [CLOSE])
         except Disconnected:
             return 499
         size = spool.size
         if not verification.verified():
+            await spool.discard()  # at once: its bytes are nobody's
             rt.metrics.verification_failures.inc()
             log.warning(kv("rejected", reason="verification failed", bytes=size))
             return await respond(send, 401)
+        ticket.release()  # verified: the journal stores or refuses it like any message
         body = None if spool.spooled else spool.body()
         try:
             if body is not None and size < PARSE_IN_THREAD_BYTES:
@@ -218,8 +287,7 @@ class Ingress:
             elif body is not None:
                 parsed = await anyio.to_thread.run_sync(parse, body)
             else:
-                assert spool.path is not None
-                parsed = await anyio.to_thread.run_sync(parse_file, spool.path)
+                parsed = spool.parsed()  # parsed as it arrived
         except BadMessage as e:
             log.warning(kv("rejected", reason=str(e), bytes=size))
             return await respond(send, 400, _error(str(e)), JSON)
@@ -256,8 +324,7 @@ class Ingress:
             if body_file is not None and not appended.duplicate:
                 spool.path = None  # the journal has it now
         except OSError as e:
-            log.error(kv("refused", type=parsed.type, error=f"cannot store: {e.strerror}"))
-            return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
+            return await self._not_stored(rt, send, spool, e, [], parsed.type)
         except JournalUnavailable as e:
             log.error(kv("refused", id=message.message_id, type=message.type, error=str(e)))
             return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
@@ -287,6 +354,24 @@ class Ingress:
         )
         return status
 
+    async def _not_stored(
+        self,
+        rt: Runtime,
+        send: Send,
+        spool: Spool,
+        error: OSError,
+        headers: Sequence[tuple[bytes, bytes]],
+        type_: str | None = None,
+    ) -> int:
+        """A body write failed (ENOSPC, EIO, …): nothing of it is kept, and ``/readyz`` says
+        the journal is failing until there is space again."""
+        await spool.discard()
+        reason = f"cannot store: {error.strerror or type(error).__name__}"
+        budget_for(rt.journal.local_dir).write_error = reason
+        log.error(kv("refused", type=type_, error=reason, bytes=spool.size))
+        text = _error("journal unavailable: message not stored")
+        return await respond(send, 503, text, JSON, headers)
+
     async def _ready(self, rt: Runtime, send: Send) -> None:
         sinks = {
             name: (
@@ -294,7 +379,10 @@ class Ingress:
             )
             for name, r in rt.dispatcher.runners.items()
         }
-        ready = rt.journal.healthy
+        disk = budget_for(rt.journal.local_dir)
+        ready = rt.journal.healthy and not disk.failing(
+            rt.journal.local_dir, rt.config.server.min_free_bytes
+        )
         body = {"ready": ready, "journal": "ok" if ready else "failing", "sinks": sinks}
         await respond(send, 200 if ready else 503, json.dumps(body).encode(), JSON)
 
@@ -346,10 +434,13 @@ async def _read_body(
     limit: int,
     update: Callable[[bytes], None],
     hold: Callable[[int], None],
+    on_disk: Callable[[int], None],
     spool: Spool,
 ) -> None:
     """Receive the body into ``spool``, feeding the signature check as it comes; ``hold`` is
-    told how many bytes it holds in memory (a spooled body holds no more than the threshold)."""
+    told how many bytes it holds in memory (a spooled body holds no more than the threshold),
+    ``on_disk`` how large the body is about to be (the disk budget). A failed write raises
+    ``NotStored``."""
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
@@ -359,10 +450,17 @@ async def _read_body(
             if spool.size + len(chunk) > limit:
                 raise TooLarge
             update(chunk)
-            await spool.write(chunk)
+            on_disk(spool.size + len(chunk))
+            try:
+                await spool.write(chunk)
+            except OSError as e:
+                raise NotStored(e) from e
             hold(min(spool.size, spool.threshold))
         if not event.get("more_body", False):
-            await spool.finish()
+            try:
+                await spool.finish()
+            except OSError as e:
+                raise NotStored(e) from e
             return
 
 

@@ -1,4 +1,11 @@
-"""Prometheus metrics, one registry per running router (so tests can run several)."""
+"""Prometheus metrics, one registry per running router (so tests can run several).
+
+The gauges read from the journal (pending, retrying, dead, oldest pending, journal bytes) cost a
+scan of the undelivered rows. They are read at most every ``GAUGE_REFRESH_SECONDS``, by the
+first scrape after that, and scrapes arriving meanwhile wait for that one read: so no number of
+scrapers adds journal work (8 scrapers on 200k pending rows had raised the ack p99 from 6.8 to
+55.7 ms). ``webhook-router status`` stays exact: it reads the journal itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -13,10 +22,17 @@ from router.errors import JournalUnavailable
 from router.journal import Journal
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: How old the journal's gauges may be when scraped.
+GAUGE_REFRESH_SECONDS = 5.0
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, refresh_every: float = GAUGE_REFRESH_SECONDS) -> None:
+        self.refresh_every = refresh_every
+        self._fresh_until = float("-inf")  # time.monotonic() until which the gauges stand
+        self._refreshing = anyio.Lock()
+        #: How many times the gauges were read from the journal.
+        self.refreshes = 0
         self.registry = r = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
@@ -109,7 +125,20 @@ class Metrics:
         return found
 
     async def refresh(self, journal: Journal, sinks: Iterable[str]) -> None:
-        """Set the gauges read from the journal (called on each scrape)."""
+        """Set the gauges read from the journal, unless they were read less than
+        ``refresh_every`` seconds ago (called on each scrape; see the module's docstring)."""
+        if time.monotonic() < self._fresh_until:
+            return
+        async with self._refreshing:
+            if time.monotonic() < self._fresh_until:  # read while this scrape waited
+                return
+            try:
+                await self._read(journal, sinks)
+            finally:
+                self._fresh_until = time.monotonic() + self.refresh_every
+
+    async def _read(self, journal: Journal, sinks: Iterable[str]) -> None:
+        self.refreshes += 1
         try:
             counts = await journal.sink_counts()
         except JournalUnavailable:

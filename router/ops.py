@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -119,9 +119,7 @@ def status(config: Config) -> Status:
             )
             for name in names
         ]
-        routers = [
-            RouterStatus(r.id, r.host, r.pid, list(r.sinks), seen) for r, seen in st.routers
-        ]
+        routers = [RouterStatus(r.id, r.host, r.pid, list(r.sinks), seen) for r, seen in st.routers]
         return Status(
             st.messages,
             st.unrouted,

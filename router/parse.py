@@ -208,15 +208,37 @@ def order_key(doc: dict[str, Any]) -> str:
 
 
 def key_of(ids: set[str]) -> str:
-    """The order key for these patient ids (see ``order_key``)."""
-    key = ",".join(sorted(ids))
+    """The order key for these patient ids (see ``order_key``).
+
+    An id may hold a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON), which no UTF-8 text
+    can carry: the journal could not store such a key, nor hash it. Each one becomes ``?``,
+    as the streaming parser (yajl) already makes of a high surrogate, so that both parsers
+    give one body the same key. Keys only group a patient's messages: two ids differing only
+    there share a lane, which costs some concurrency, never a message."""
+    key = ",".join(sorted({_utf8_safe(i) for i in ids}))
     if len(key) > MAX_ID_LENGTH:
         key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
     return key
 
 
+def _utf8_safe(text: str) -> str:
+    """``text`` with each code point UTF-8 cannot encode (a lone surrogate) replaced by ``?``."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def meta_field(meta: dict[str, Any], name: str, *, required: bool) -> str | None:
-    """``meta[name]`` checked: a string, short, printable, non-empty when required."""
+    """``meta[name]`` checked: a string, short, valid Unicode (UTF-8 can carry it: the journal,
+    file lines and logs hold it), printable, non-empty when required."""
     value = meta.get(name)
     if value is None:
         if required:
@@ -228,6 +250,10 @@ def meta_field(meta: dict[str, Any], name: str, *, required: bool) -> str | None
         raise BadMessage(f"meta.{name} is empty")
     if len(value) > MAX_ID_LENGTH:
         raise BadMessage(f"meta.{name} is longer than {MAX_ID_LENGTH} characters")
+    if _lone_surrogate(value):
+        # Refused, not replaced as in order keys: a changed messageId could collide with
+        # another message's and be answered as its duplicate, never delivered.
+        raise BadMessage(f"meta.{name} is not valid Unicode: it holds a lone UTF-16 surrogate")
     if not value.isprintable():
         raise BadMessage(f"meta.{name} contains control characters")
     return value

@@ -1,33 +1,40 @@
-"""Large bodies: received to disk, parsed as a stream, never held in memory whole.
+"""Large bodies: received to disk, parsed as they arrive, never held in memory whole.
 
 A body stays in memory while it is small (``SPOOL_THRESHOLD``); past that, what arrived so far
-and everything after it goes to a file in the journal's ``bodies/`` folder (written in worker
-threads). The signature is computed on the chunks as they pass (see ``router.auth``), ``meta``
-and the order key are read with a streaming JSON parser (ijson's C backend) from the file, and
-the journal keeps the file's name instead of the bytes. Sinks read such a body in chunks
-(``Message.body_chunks``); the file leaves with its message.
+and everything after it goes to a file in the journal's ``bodies/`` folder, and is fed at the
+same time to a streaming JSON parser (ijson's push interface, C backend), both in worker
+threads, one trip per ``WRITE_SIZE`` bytes. The signature is computed on the chunks as they pass
+(see ``router.auth``). So when the last byte arrives only the last piece's write and parse
+remain, then the fsyncs and the commit: the silence a sender sees after its upload does not grow
+with the body (Metriport gives up after 5 s of it). The journal keeps the file's name instead of
+the bytes. Sinks read such a body in chunks (``Message.body_chunks``); the file leaves with its
+message. Every write step goes through ``router.durable``; an ``OSError`` there (ENOSPC, EIO)
+reaches the caller, and ``discard`` then removes what was written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import operator
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import anyio.to_thread
 import ijson
 
-from router.durable import fsync_dir
+from router import durable
 from router.parse import BadMessage, Parsed, duplicate_key, from_meta, key_of
+
+log = logging.getLogger(__name__)
 
 #: Bodies up to this size stay in memory; larger ones go to a file as they arrive.
 SPOOL_THRESHOLD = 1024 * 1024
-#: A spooled body is written in pieces of about this size.
+#: A spooled body is written (and parsed) in pieces of about this size.
 WRITE_SIZE = 1024 * 1024
 BODIES = "bodies"
 _BOM = b"\xef\xbb\xbf"
@@ -42,7 +49,10 @@ class Spool:
         self.size = 0
         self._chunks: list[bytes] = []
         self._pending = 0  # bytes in _chunks not yet written to the file
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
+        self._written = 0  # bytes in the file
+        self._parser: StreamParser | None = None
+        self._parsed: Parsed | BadMessage | None = None
         self.path: Path | None = None
 
     @property
@@ -53,77 +63,103 @@ class Spool:
         self.size += len(chunk)
         self._chunks.append(chunk)
         self._pending += len(chunk)
-        if self._file is None:
+        if self.path is None:
             if self.size > self.threshold:
                 await anyio.to_thread.run_sync(self._spill)
         elif self._pending >= WRITE_SIZE:  # one trip to a worker thread per WRITE_SIZE bytes
             await anyio.to_thread.run_sync(self._flush)
 
     def _flush(self) -> None:
-        assert self._file is not None
-        self._file.write(b"".join(self._chunks))
+        assert self._fd is not None and self._parser is not None
+        data = b"".join(self._chunks)
         self._chunks = []
         self._pending = 0
+        durable.write_all(self._fd, data)
+        durable.start_writeback(self._fd, self._written, len(data))
+        self._written += len(data)
+        self._parser.feed(data)
 
     def _spill(self) -> None:
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        self.path = self.directory / f"incoming-{uuid.uuid4().hex}.tmp"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._file = os.fdopen(fd, "wb")
+        durable.make_dirs(self.directory)
+        path = self.directory / f"incoming-{uuid.uuid4().hex}.tmp"
+        self._fd = durable.create(path)
+        self.path = path
+        self._parser = StreamParser(path)
         self._flush()
 
     async def finish(self) -> None:
-        """The whole body has arrived: a spooled body is then entirely in its file."""
-        if self._file is not None:
+        """The whole body has arrived: a spooled body is then entirely in its file, and
+        parsed."""
+        if self.path is not None:
             await anyio.to_thread.run_sync(self._finish)
 
     def _finish(self) -> None:
-        assert self._file is not None
+        assert self._parser is not None
         self._flush()
-        self._file.flush()
+        try:
+            self._parsed = self._parser.close()
+        except BadMessage as e:
+            self._parsed = e
+
+    def parsed(self) -> Parsed:
+        """What ``router.parse.parse`` makes of a spooled body (raises its ``BadMessage``), once
+        ``finish`` returned."""
+        assert self._parsed is not None
+        if isinstance(self._parsed, BadMessage):
+            raise self._parsed
+        return self._parsed
 
     def body(self) -> bytes:
         """The whole body, when it stayed in memory."""
-        assert self._file is None
+        assert self.path is None
         return b"".join(self._chunks)
 
     async def seal(self) -> str:
         """Make the spooled body durable under its final name; return that name (relative to
         the journal's folder), for the journal row."""
-        assert self._file is not None and self.path is not None
+        assert self._fd is not None and self.path is not None
         return await anyio.to_thread.run_sync(self._seal)
 
     def _seal(self) -> str:
-        assert self._file is not None and self.path is not None
-        self._flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        assert self._fd is not None and self.path is not None
+        durable.fsync(self._fd)
+        self._close()
         final = self.path.with_name(f"{uuid.uuid4().hex}.json")
-        os.rename(self.path, final)
-        fsync_dir(self.directory)
+        durable.rename(self.path, final)
         self.path = final
+        durable.fsync_dir(self.directory)
         return f"{BODIES}/{final.name}"
 
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
     async def discard(self) -> None:
-        """Remove the file of a body that will not be kept (refused, duplicate, not stored)."""
-        if self._file is not None and not self._file.closed:
-            self._file.close()
+        """Remove the file of a body that will not be kept (refused, duplicate, not stored).
+        Never raises: a file it cannot remove is logged, and removed at the next start."""
+        with contextlib.suppress(OSError):
+            self._close()
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                await anyio.to_thread.run_sync(self.path.unlink)
-            self.path = None
+            path, self.path = self.path, None
+            try:
+                await anyio.to_thread.run_sync(path.unlink)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("could not remove a body not kept (%s): %s", path.name, e.strerror)
 
 
 # -- streaming parse ----------------------------------------------------------------------------
 #
 # A big body holds millions of JSON events (a 64 MiB FHIR bundle: 6.7 M), and a Python loop over
 # each of them costs more than the C tokenizer that makes them. So the events are first filtered
-# in C (itertools over ijson's C generator) down to the few whose prefix can matter: the root,
-# ``meta`` and the fields read from it, ``ping``, the patient ids and their lists. Python then
-# sees a few dozen events. ijson's prefixes are dotted paths, so they are unambiguous only while
-# no top-level key is empty or holds a dot; a body with such a key (Metriport sends none) is read
-# again by the exact loop, which places every event by its real path of keys.
+# in C (itertools over the list ijson's C parser appends them to) down to the few whose prefix
+# can matter: the root, ``meta`` and the fields read from it, ``ping``, the patient ids and their
+# lists. Python then sees a few dozen events. ijson's prefixes are dotted paths, so they are
+# unambiguous only while no top-level key is empty or holds a dot; a body with such a key
+# (Metriport sends none) is read again from its file by the exact loop, which places every event
+# by its real path of keys.
 
 _PATIENTS = {"payload.patientId": 0, "patients.item.patientId": 1, "users.item.userId": 2}
 _META_FIELDS = ("type", "messageId", "when", "requestId")
@@ -131,18 +167,87 @@ _SHALLOW = frozenset(
     {"", "meta", "ping", "patients", "users", *_PATIENTS, *(f"meta.{k}" for k in _META_FIELDS)}
 )
 _CONTAINERS = frozenset({"start_map", "start_array"})
-#: Read size: each read hands the GIL back, so the event loop waits at most one piece's parse.
+#: Parse size: each piece hands the GIL back, so the event loop waits at most one piece's parse.
 _BUF_SIZE = 64 * 1024
+_NOT_JSON = (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError)
 
 
 class _Ambiguous(Exception):
     """A top-level key makes ijson's prefixes ambiguous: read the body with the exact loop."""
 
 
+class StreamParser:
+    """``router.parse.parse`` fed a piece at a time (``feed``, then ``close``): the same checks
+    (one JSON object, no repeated key at the top or in ``meta``, ``meta`` an object with string
+    ``type`` and ``messageId``) and the same order key, in constant memory. ``path`` holds the
+    bytes fed so far: the exact loop reads it when the prefixes are ambiguous."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._events = ijson.sendable_list()
+        self._coro = ijson.parse_coro(self._events, use_float=True)
+        self._shallow = _Shallow()
+        self._head = b""  # the first bytes, until it is known whether they are a BOM
+        self._started = False
+        self._outcome: BadMessage | _Ambiguous | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._outcome is not None:
+            return  # decided: the rest need not be parsed
+        if not self._started:
+            self._head += data
+            if len(self._head) < len(_BOM):
+                return
+            data = self._head.removeprefix(_BOM)
+            self._head = b""
+            self._started = True
+        view = memoryview(data)
+        try:
+            for at in range(0, len(view), _BUF_SIZE):
+                self._push(view[at : at + _BUF_SIZE])
+        except (BadMessage, _Ambiguous) as e:
+            self._outcome = e
+
+    def close(self) -> Parsed:
+        """The result once every byte was fed; raises ``BadMessage``."""
+        if not self._started:
+            self._started = True
+            self.feed(self._head.removeprefix(_BOM))
+        if self._outcome is None:
+            try:
+                self._push(None)
+            except (BadMessage, _Ambiguous) as e:
+                self._outcome = e
+        if isinstance(self._outcome, _Ambiguous):
+            with self.path.open("rb") as f:
+                return _read(f, _parse_events)
+        if self._outcome is not None:
+            raise self._outcome
+        return self._shallow.result()
+
+    def _push(self, piece: memoryview | None) -> None:
+        """Parse one piece (``None``: the end), then look at the events it made: those before
+        a syntax error count first, as when the parser pulls."""
+        error = None
+        try:
+            if piece is None:
+                self._coro.close()
+            else:
+                self._coro.send(piece)
+        except _NOT_JSON as e:
+            error = e
+        try:
+            self._shallow.feed(self._events)
+        finally:
+            self._events.clear()
+        if error is not None:
+            # ijson's own text quotes the document: never pass it on.
+            raise BadMessage("body is not valid JSON") from None
+
+
 def parse_file(path: Path) -> Parsed:
-    """``router.parse.parse`` for a body in a file, reading it as a stream: the same checks
-    (one JSON object, ``meta`` an object with string ``type`` and ``messageId``) and the same
-    order key, in constant memory."""
+    """``router.parse.parse`` for a body in a file, reading it as a stream (the same checks and
+    order key as ``StreamParser``, in constant memory)."""
     with path.open("rb") as f:
         try:
             return _read(f, _parse_shallow)
@@ -158,60 +263,75 @@ def _read(f: IO[bytes], parser: Callable[[Iterator[tuple[str, str, Any]]], Parse
         return parser(ijson.parse(f, use_float=True, buf_size=_BUF_SIZE))
     except (BadMessage, _Ambiguous):
         raise
-    except (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError):
+    except _NOT_JSON:
         # ijson's own text quotes the document: never pass it on.
         raise BadMessage("body is not valid JSON") from None
 
 
 def _parse_shallow(events: Iterator[tuple[str, str, Any]]) -> Parsed:
-    """The events that matter, picked out in C; see the comment above."""
-    everything, probe = itertools.tee(events)
-    wanted = map(_SHALLOW.__contains__, map(operator.itemgetter(0), probe))
-    meta: dict[str, Any] = {}
-    ping: Any = None
-    keys: dict[str, set[str]] = {"": set(), "meta": set()}
-    ids: list[set[str]] = [set(), set(), set()]
-    lists = {"patients": False, "users": False}
-    root = False
-    for prefix, event, value in itertools.compress(everything, wanted):
-        if not root:  # the first event of all: the root value
-            if event != "start_map":
-                raise BadMessage("body must be a JSON object")
-            root = True
-        elif event == "map_key":
-            if prefix == "":
-                if not value or "." in value:
-                    raise _Ambiguous
-                if value in keys[""]:
-                    raise duplicate_key(value, "the body")
-                keys[""].add(value)
+    """The pulling form of ``_Shallow``: all events of a document at once."""
+    shallow = _Shallow()
+    shallow.feed(events)
+    return shallow.result()
+
+
+class _Shallow:
+    """The events that matter, picked out in C (see the comment above), fed as they come."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.ping: Any = None
+        self.keys: dict[str, set[str]] = {"": set(), "meta": set()}
+        self.ids: list[set[str]] = [set(), set(), set()]
+        self.lists = {"patients": False, "users": False}
+        self.root = False
+
+    def feed(self, events: Iterable[tuple[str, str, Any]]) -> None:
+        # A list (pushed pieces) is walked twice; an iterator (a whole file pulled) is teed.
+        everything, probe = (events, events) if isinstance(events, list) else itertools.tee(events)
+        wanted = map(_SHALLOW.__contains__, map(operator.itemgetter(0), probe))
+        meta, keys, ids, lists = self.meta, self.keys, self.ids, self.lists
+        for prefix, event, value in itertools.compress(everything, wanted):
+            if not self.root:  # the first event of all: the root value
+                if event != "start_map":
+                    raise BadMessage("body must be a JSON object")
+                self.root = True
+            elif event == "map_key":
+                if prefix == "":
+                    if not value or "." in value:
+                        raise _Ambiguous
+                    if value in keys[""]:
+                        raise duplicate_key(value, "the body")
+                    keys[""].add(value)
+                elif prefix == "meta":
+                    if value in keys["meta"]:
+                        raise duplicate_key(value, "meta")
+                    keys["meta"].add(value)
             elif prefix == "meta":
-                if value in keys["meta"]:
-                    raise duplicate_key(value, "meta")
-                keys["meta"].add(value)
-        elif prefix == "meta":
-            if event not in ("start_map", "end_map"):
-                raise BadMessage("meta must be a JSON object")
-        elif prefix in lists:
-            if event in _CONTAINERS:
-                lists[prefix] = event == "start_array"
-        elif prefix.startswith("meta."):
-            if event in _CONTAINERS:
-                meta[prefix[5:]] = {}  # not a string: from_meta says so
-            elif event not in ("end_map", "end_array"):
-                meta[prefix[5:]] = value
-        elif prefix == "ping":
-            if event not in _CONTAINERS and event not in ("end_map", "end_array"):
-                ping = value
-        elif (
-            prefix in _PATIENTS
-            and isinstance(value, str)
-            and (prefix == "payload.patientId" or lists[prefix.partition(".")[0]])
-        ):
-            ids[_PATIENTS[prefix]].add(value)
-    if "meta" not in keys[""]:
-        raise BadMessage("meta must be a JSON object")
-    return from_meta(meta, ping, key_of(next((s for s in ids if s), set())))
+                if event not in ("start_map", "end_map"):
+                    raise BadMessage("meta must be a JSON object")
+            elif prefix in lists:
+                if event in _CONTAINERS:
+                    lists[prefix] = event == "start_array"
+            elif prefix.startswith("meta."):
+                if event in _CONTAINERS:
+                    meta[prefix[5:]] = {}  # not a string: from_meta says so
+                elif event not in ("end_map", "end_array"):
+                    meta[prefix[5:]] = value
+            elif prefix == "ping":
+                if event not in _CONTAINERS and event not in ("end_map", "end_array"):
+                    self.ping = value
+            elif (
+                prefix in _PATIENTS
+                and isinstance(value, str)
+                and (prefix == "payload.patientId" or lists[prefix.partition(".")[0]])
+            ):
+                ids[_PATIENTS[prefix]].add(value)
+
+    def result(self) -> Parsed:
+        if "meta" not in self.keys[""]:
+            raise BadMessage("meta must be a JSON object")
+        return from_meta(self.meta, self.ping, key_of(next((s for s in self.ids if s), set())))
 
 
 def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:

@@ -7,6 +7,10 @@ string value is a secret reference and is replaced by the secret's text:
 ``{env: NAME}`` reads an environment variable, ``{file: PATH}`` a file (relative to the
 configuration file's folder; one trailing newline is removed), ``{credential: NAME}`` a
 systemd credential (``$CREDENTIALS_DIRECTORY/NAME``, from ``LoadCredential=``).
+
+With ``secrets=False`` no secret is read: each reference is replaced by ``UNRESOLVED`` and its
+key path listed in ``Source.unresolved``. The operator commands load the configuration that way:
+they need the journal and the routes, not the keys, and run as users who may not have them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import yaml
 from router.errors import ConfigProblem
 
 KeyPath = tuple[str | int, ...]
+#: What stands for a secret that was not read (``load(..., secrets=False)``).
+UNRESOLVED = "(secret not loaded)"
 
 
 def dotted(path: KeyPath) -> str:
@@ -41,6 +47,8 @@ class Source:
     lines: dict[KeyPath, int] = field(default_factory=dict)
     problems: list[ConfigProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Key paths of the secret references left unread (``secrets=False``).
+    unresolved: list[KeyPath] = field(default_factory=list)
 
     def line_of(self, path: KeyPath) -> int | None:
         """The line of the longest prefix of ``path`` that exists in the document."""
@@ -53,8 +61,13 @@ class Source:
     def problem(self, path: KeyPath, message: str) -> None:
         self.problems.append(ConfigProblem(self.file, self.line_of(path), dotted(path), message))
 
+    def warning(self, path: KeyPath, message: str) -> None:
+        """A warning worded like a problem (file:line: key: text): the file stays valid."""
+        problem = ConfigProblem(self.file, self.line_of(path), dotted(path), message)
+        self.warnings.append(str(problem))
 
-def load(path: Path, environ: Mapping[str, str] | None = None) -> Source:
+
+def load(path: Path, environ: Mapping[str, str] | None = None, *, secrets: bool = True) -> Source:
     source = Source(str(path))
     try:
         text = path.read_text(encoding="utf-8")
@@ -78,14 +91,17 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Source:
     if node is None:
         source.data = {}
         return source
-    builder = _Builder(source, path.parent, os.environ if environ is None else environ)
+    builder = _Builder(source, path.parent, os.environ if environ is None else environ, secrets)
     source.data = builder.build(node, ())
     return source
 
 
 class _Builder:
-    def __init__(self, source: Source, base_dir: Path, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, source: Source, base_dir: Path, environ: Mapping[str, str], secrets: bool
+    ) -> None:
         self.source = source
+        self.secrets = secrets
         self.base_dir = base_dir
         self.environ = environ
         self.constructor = yaml.SafeLoader("")
@@ -125,6 +141,9 @@ class _Builder:
         if not isinstance(name, str) or not name:
             self.source.problem((*path, kind), f"{{{kind}: ...}} needs a non-empty string")
             return None
+        if not self.secrets:
+            self.source.unresolved.append(path)
+            return UNRESOLVED
         if kind == "env":
             value = self.environ.get(name)
             if value is None:

@@ -161,6 +161,14 @@ def test_the_signature_covers_the_exact_bytes() -> None:
         pytest.param(["signature", "key"], key(NEW_KEY), False, id="key"),
         pytest.param(["signature", "key"], sig(BODY, NEW_KEY) * 2, True, id="signature-twice"),
         pytest.param(["signature", "key"], key(NEW_KEY) * 2, True, id="key-twice"),
+        # A key header is known from the headers alone: a wrong one is refused unread.
+        pytest.param(["signature", "key"], key(OTHER_KEY), True, id="wrong-key"),
+        pytest.param(
+            ["signature", "key"],
+            sig(BODY, NEW_KEY) + key(OTHER_KEY),
+            True,
+            id="right-sig-wrong-key",
+        ),
         pytest.param(
             ["signature", "key"],
             sig(BODY, NEW_KEY) + sig(BODY, OTHER_KEY),
@@ -251,5 +259,15 @@ def test_key_header_is_compared_with_every_key_in_constant_time(
 
 def test_a_failure_also_compares_every_key(compare: CountingCompare) -> None:
     verifier = Verifier(KEYS, ["signature", "key"])
-    assert not verify(verifier, sig(BODY, OTHER_KEY) + key(OTHER_KEY), BODY)
+    assert not verify(verifier, sig(BODY, OTHER_KEY) + key(KEYS[0]), BODY)
     assert len(compare.calls) == 2 * len(KEYS)
+
+
+def test_a_wrong_key_is_refused_from_the_headers_comparing_every_key(
+    compare: CountingCompare,
+) -> None:
+    verifier = Verifier(KEYS, ["signature", "key"])
+    verification = verifier.start(sig(BODY, KEYS[0]) + key(OTHER_KEY))
+    assert verification.hopeless
+    assert len(compare.calls) == len(KEYS)
+    assert not verification.verified()

@@ -131,6 +131,16 @@ def test_check_prints_secret_file_warning(tmp_path: Path) -> None:
     assert "s3cret-key" not in r.stdout + r.stderr
 
 
+def test_check_warns_when_x_webhook_key_is_accepted(tmp_path: Path) -> None:
+    config = tmp_path / "good.yaml"
+    config.write_text(GOOD.replace("keys: [k1]", "keys: [k1]\n  accept: [key]"))
+    r = run("check", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    (warning,) = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
+    assert "auth.accept: accepts x-webhook-key" in warning
+    assert "auth:    key, 1 key(s)" in r.stdout
+
+
 def test_check_bad_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(BAD)

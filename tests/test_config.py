@@ -57,6 +57,48 @@ def problems_of(path: Path, environ: dict[str, str] | None = None) -> tuple[Conf
 # -- the example configuration -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin", "warned"),
+    [
+        ('["0.0.0.0:8080"]', "", True),
+        ('["[::]:8080"]', "", True),
+        ('["router.example.org:8080"]', "", True),
+        ('["127.0.0.1:8080", "10.0.0.5:8080"]', "", True),
+        ('["0.0.0.0:8080"]', '\n  admin_listen: ["127.0.0.1:9090"]', False),
+        ('["127.0.0.2:8080", "[::1]:8080", "localhost:8080"]', "", False),
+        ('["unix:/run/webhook-router.sock"]', "", False),
+    ],
+)
+def test_admin_endpoints_on_a_public_address_are_a_warning(
+    tmp_path: Path, listen: str, admin: str, warned: bool
+) -> None:
+    text = GOOD.replace('listen: ["127.0.0.1:8080"]', f"listen: {listen}{admin}")
+    config = load_config(write(tmp_path, text), environ={})
+    if not warned:
+        assert config.warnings == ()
+        return
+    (warning,) = config.warnings
+    assert warning.startswith(f"{tmp_path / 'config.yaml'}:2: server.listen: /metrics, /readyz")
+    assert "server.admin_listen" in warning
+
+
+def test_auth_accepts_the_signature_alone_by_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), environ={})
+    assert config.auth.accept == ["signature"]
+    assert config.warnings == ()
+
+
+def test_accepting_x_webhook_key_is_a_warning_naming_file_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, GOOD.replace("  keys: [k1]\n", "  keys: [k1]\n  accept: [signature, key]\n")
+    )
+    config = load_config(path, environ={})
+    assert config.auth.accept == ["signature", "key"]
+    (warning,) = config.warnings
+    assert warning.startswith(f"{path}:5: auth.accept: accepts x-webhook-key")
+    assert "k1" not in warning
+
+
 def test_example_config_loads_with_key_from_environ(tmp_path: Path) -> None:
     config = load_config(EXAMPLE, environ={"METRIPORT_WEBHOOK_KEY": "example-key"})
     assert config.file == EXAMPLE
@@ -64,7 +106,7 @@ def test_example_config_loads_with_key_from_environ(tmp_path: Path) -> None:
     assert config.server.listen == ["127.0.0.1:8080"]
     assert config.server.path == "/webhook"
     assert config.server.max_body_bytes == 268435456
-    assert config.auth.accept == ["signature", "key"]
+    assert config.auth.accept == ["signature"]
     assert list(config.sinks) == ["medical", "events", "everything-else"]
     assert config.routes.sinks_for("medical.document-download") == ("medical",)
     assert config.routes.sinks_for("network-query.done") == ("events",)
@@ -491,6 +533,16 @@ sinks:
   archive: {{type: file, path: ./out.jsonl}}
 """,
     )
+
+
+def test_without_secrets_nothing_is_read_and_the_keys_cannot_be_used(tmp_path: Path) -> None:
+    path = secret_config(tmp_path, "env: WR_TEST_UNSET")
+    config = load_config(path, environ={}, secrets=False)
+    assert config.unresolved_secrets == ("auth.keys[0]",)
+    with pytest.raises(ValueError, match="without its secrets"):
+        config.key_bytes()
+    (problem,) = problems_of(path)
+    assert problem.message == "environment variable WR_TEST_UNSET is not set"
 
 
 def test_env_secret_comes_from_the_environ_argument(

@@ -62,10 +62,27 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-ids = st.sampled_from([f"id-{i}" for i in range(12)])  # few ids: duplicates happen
-types = st.sampled_from(
-    ["patient.admit", "ping", "medical.document-download", "t" * 300, "a\nb", ""]
-) | st.text(max_size=12)
+#: Text with lone UTF-16 surrogates (valid JSON as "\\ud800", not encodable as UTF-8).
+lone_surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+odd_text = st.lists(st.text(max_size=4) | lone_surrogates, min_size=1, max_size=4).map("".join)
+ids = st.sampled_from([f"id-{i}" for i in range(12)] + ["id-\ud800"])  # few: duplicates happen
+types = (
+    st.sampled_from(
+        ["patient.admit", "ping", "medical.document-download", "t" * 300, "a\nb", "", "p.\udc00"]
+    )
+    | st.text(max_size=12)
+    | odd_text
+)
+#: Patient ids where the order key is read, some with lone surrogates, some over its length limit.
+patient_ids = st.sampled_from(["p-1", "p-2"]) | odd_text | odd_text.map(lambda t: t * 100)
+patient_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "payload": st.fixed_dictionaries({"patientId": patient_ids}),
+        "patients": st.lists(st.fixed_dictionaries({"patientId": patient_ids}), max_size=3),
+        "users": st.lists(st.fixed_dictionaries({"userId": patient_ids}), max_size=2),
+    },
+)
 
 
 @st.composite
@@ -82,6 +99,7 @@ def messages(draw: st.DrawFn) -> bytes:
             st.dictionaries(
                 st.sampled_from(["ping", "payload", "patients"]), json_values, max_size=2
             )
+            | patient_fields
         ),
     }
     if draw(st.booleans()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import socket
@@ -548,3 +549,49 @@ async def test_a_request_in_flight_at_stop_still_gets_its_200(
                 response = await _read_until(stream, buffer, b"\r\n\r\n")
             assert response.startswith(b"HTTP/1.1 200 ")
     assert [row[0] for row in stored(tmp_path)] == [json.loads(body)["meta"]["messageId"]]
+
+
+# -- text UTF-8 cannot carry --------------------------------------------------------------------
+
+
+async def test_lone_surrogates_in_patient_ids_are_stored_and_in_meta_refused_saying_why(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    # "\ud800" is valid JSON but no UTF-8 text: stored as is, it failed the journal write (503
+    # on every retry) or, in a key over 256 characters, its hashing (500 and a traceback).
+    config = make_config()
+    padding = {"data": "x" * (2 * 1024 * 1024)}  # read by the streaming parser
+    bodies = {
+        "short": body_for("patient.admit", "short", payload={"patientId": "p\ud800"}),
+        "long": body_for("patient.admit", "long", patients=[{"patientId": "p\ud800" * 200}]),
+        "streamed": body_for(
+            "patient.admit", "streamed", payload={"patientId": "p\ud800"}, **padding
+        ),
+        "plain": body_for("patient.admit", "plain", payload={"patientId": "p-1"}),
+    }
+    assert b'"p\\ud800"' in bodies["short"]
+    async with running_router(config) as router, httpx.AsyncClient(timeout=30) as client:
+        answers: dict[str, httpx.Response] = {}
+
+        async def send(name: str) -> None:
+            answers[name] = await post(
+                client, router.webhook_url, bodies[name], signed(bodies[name])
+            )
+
+        async with anyio.create_task_group() as tg:  # in one group commit, if they meet
+            for name in bodies:
+                tg.start_soon(send, name)
+        assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(bodies, 200)
+        bad = body_for("patient.admit", "m-\udc00")
+        r = await post(client, router.webhook_url, bad, signed(bad))
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": "meta.messageId is not valid Unicode: it holds a lone UTF-16 surrogate"
+        }
+    keys = dict(query_journal(tmp_path / "journal", "SELECT message_id, order_key FROM messages"))
+    assert keys == {
+        "short": "p?",
+        "long": "sha256:" + hashlib.sha256(b"p?" * 200).hexdigest(),
+        "streamed": "p?",
+        "plain": "p-1",
+    }

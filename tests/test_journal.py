@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -416,3 +417,87 @@ async def test_when_a_failed_write_ends_the_transaction_the_others_are_made_agai
         stored = sorted(m for (m,) in query(tmp_path, "SELECT message_id FROM messages"))
         assert stored == ["ok-1", "ok-2"]
         assert len(await journal.due("s", FUTURE, 10, ())) == 2
+
+
+# -- disk space ----------------------------------------------------------------------------------
+
+
+def files_on_disk(directory: Path) -> int:
+    """Bytes of every file under ``directory``, as ``du --apparent-size`` counts them."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+async def fill_and_sweep(journal: Journal, count: int) -> None:
+    """Store ``count`` messages with 4 KiB bodies, deliver them all, sweep them all away."""
+    filler = "x" * 4096
+    for start in range(0, count, 500):
+        appended = await in_parallel(
+            [
+                lambda i=i: journal.append(  # type: ignore[misc]
+                    Message(f"m-{i}", "patient.admit", None, body_for(filler=filler), 1000.0),
+                    ["archive"],
+                )
+                for i in range(start, min(count, start + 500))
+            ]
+        )
+        await journal.record(Outcome(a.seq, "archive", "delivered", 1) for a in appended)
+    assert await journal.sweep(retention=0, now=FUTURE) == count
+
+
+async def in_parallel(calls: list[Callable[[], Awaitable[Appended]]]) -> list[Appended]:
+    results: list[Appended] = []
+
+    async def one(call: Callable[[], Awaitable[Appended]]) -> None:
+        results.append(await call())
+
+    async with anyio.create_task_group() as tg:
+        for call in calls:
+            tg.start_soon(one, call)
+    return results
+
+
+async def test_retention_gives_the_space_of_swept_messages_back(tmp_path: Path) -> None:
+    async with opened(tmp_path) as journal:
+        await fill_and_sweep(journal, 2000)  # about 9 MB of bodies
+        ((free,),) = query(tmp_path, "PRAGMA freelist_count")
+        assert free == 0
+    # Closing checkpoints the write-ahead log into the database, which then shrinks.
+    assert files_on_disk(tmp_path) < 1_000_000
+    ((mode,),) = query(tmp_path, "PRAGMA auto_vacuum")
+    assert mode == 2  # INCREMENTAL
+
+
+async def test_a_journal_made_without_auto_vacuum_is_vacuumed_once_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(tmp_path) as journal:
+        await journal.append(msg("m-1"), ["archive"])
+    # What earlier versions made: the switch to WAL came first, so auto_vacuum stayed off.
+    with contextlib.closing(sqlite3.connect(tmp_path / "journal.sqlite3")) as conn:
+        conn.execute("PRAGMA auto_vacuum=NONE")
+        conn.execute("VACUUM")
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    caplog.set_level(logging.INFO, logger="router")
+    async with opened(tmp_path) as journal:
+        assert [d.seq for d in await journal.due("archive", FUTURE, 10, ())] == [1]
+    assert query(tmp_path, "PRAGMA auto_vacuum") == [(2,)]
+    assert "journal-vacuum " in caplog.text
+    assert "journal-vacuumed " in caplog.text
+    caplog.clear()
+    async with opened(tmp_path) as journal:
+        await fill_and_sweep(journal, 500)
+    assert "journal-vacuum" not in caplog.text  # once
+    assert files_on_disk(tmp_path) < 500_000
+
+
+async def test_size_bytes_counts_the_database_its_log_and_every_stored_body(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path) as journal:
+        await journal.append(msg("m-1"), ["archive"])
+        journal.bodies.mkdir()
+        (journal.bodies / "a.json").write_bytes(b"{}" * 300_000)
+        (journal.bodies / "b.json").write_bytes(b"{}" * 200_000)
+        assert (tmp_path / "journal.sqlite3-wal").stat().st_size > 0
+        assert journal.size_bytes() == files_on_disk(tmp_path)
+        assert journal.size_bytes() > 1_000_000

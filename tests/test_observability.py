@@ -224,6 +224,45 @@ async def test_admin_listen_serves_health_and_metrics_apart_from_the_webhook(
         assert r.status_code == 404
 
 
+async def test_scrapers_add_no_journal_work_and_the_gauges_follow(
+    make_config: Callable[..., Config],
+) -> None:
+    # Each scrape used to scan the pending rows: 8 scrapers on 200k of them raised the ack p99
+    # from 6.8 to 55.7 ms. Now the journal is read at most once per refresh interval.
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Stuck), recorder),
+        default=["stuck"],
+        sinks={"stuck": {"type": "stuck"}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        metrics = router.daemon.metrics
+
+        async def scrape() -> float | None:
+            r = await client.get(f"{router.base_url}/metrics")
+            assert r.status_code == 200
+            return sample(parse_metrics(r.text), "webhook_router_pending_deliveries", sink="stuck")
+
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(scrape)
+        for _ in range(50):
+            assert await scrape() == 0
+        elapsed = anyio.current_time() - started
+        assert metrics.refreshes <= 1 + elapsed // metrics.refresh_every
+
+        # The gauges still follow the journal, one refresh interval behind at most.
+        metrics.refresh_every = 0.05
+        assert (
+            await post(client, router.webhook_url, body_for(message_id="m-1"))
+        ).status_code == 200
+        await recorder.wait_for(lambda r: len(r.failed) == 1)
+        with anyio.fail_after(15):
+            while await scrape() != 1:  # polled, as Prometheus does
+                await anyio.sleep(0.01)
+
+
 async def test_retention_sweep_removes_only_fully_delivered_messages(tmp_path: Path) -> None:
     received: list[tuple[str, str, int]] = []
     recorder = Recorder()

@@ -21,10 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from router.config import CONFIG_ENV
+from router.journal.sqlite import SQLiteJournal as Journal
 from router.testing import (
     RouterProcess,
     body_for,
@@ -414,6 +416,9 @@ def test_status_counts_ages_and_errors_match_the_journal(
     assert st.sinks["reject"] == {**expected_status(router)["reject"], "configured": True}
     assert [st.table["reject"][k] for k in ("pending", "retrying", "dead")] == ["2", "0", "0"]
     assert re.match(r"^\d+(\.\d)?[smhd]$", st.table["reject"]["oldest"])
+    # What the journal holds on disk, counted as the daemon's journal_bytes gauge counts it.
+    on_disk = sum(p.stat().st_size for p in router.journal.rglob("*") if p.is_file())
+    assert st.doc["journal_bytes"] == on_disk
 
     # A sink still in the journal but gone from the configuration.
     del sinks["reject"]
@@ -770,6 +775,62 @@ def test_commands_without_a_journal_exit_1(tmp_path: Path, args: list[str]) -> N
     assert line.startswith(f"error: no journal at {journal / 'journal.sqlite3'}: ")
     assert "webhook-router serve" in line
     assert not journal.exists()  # the command created nothing
+
+
+def test_operator_commands_work_without_any_secret_while_serve_and_check_need_them(
+    tmp_path: Path,
+) -> None:
+    # config.example.yaml as a new user runs it, with no METRIPORT_WEBHOOK_KEY set, plus keys
+    # and a sink secret they cannot read either: a missing file, a systemd credential, a
+    # Slack URL in an unset variable.
+    text = (REPO / "config.example.yaml").read_text()
+    keys = "    - env: METRIPORT_WEBHOOK_KEY\n"
+    assert keys in text
+    text = text.replace(keys, keys + "    - file: missing.key\n    - credential: webhook-key\n")
+    text += "  alerts:\n    type: slack\n    webhook_url: {env: WR_TEST_UNSET_SLACK_URL}\n"
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    journal = Journal(tmp_path / "var" / "journal")
+    anyio.run(journal.open)
+    anyio.run(journal.close)
+    body = tmp_path / "admit.json"
+    body.write_bytes(body_for("patient.admit", "m-1"))
+    unset = ("METRIPORT_WEBHOOK_KEY", "WR_TEST_UNSET_SLACK_URL", "CREDENTIALS_DIRECTORY")
+    env = {k: v for k, v in os.environ.items() if k not in (*unset, CONFIG_ENV)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [sys.executable, "-m", "router", *args, "--config", str(config)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in r.stdout + r.stderr
+        return r
+
+    for args in (
+        ["status"],
+        ["status", "--json"],
+        ["dead", "list"],
+        ["dead", "retry", "--all", "--dry-run"],
+        ["replay", "--since", "1h", "--dry-run"],
+        ["explain", str(body)],
+    ):
+        r = run(*args)
+        assert (r.returncode, r.stderr) == (0, ""), args
+        if args == ["status"]:
+            assert re.search(r"^alerts\s+0\s+0\s+0", r.stdout, re.M), r.stdout
+        if args[0] == "explain":
+            assert "delivered to: events" in r.stdout
+    for command in ("check", "serve"):
+        r = run(command)
+        assert r.returncode == 2, r.stderr
+        assert "environment variable METRIPORT_WEBHOOK_KEY is not set" in r.stderr
+        assert "environment variable WR_TEST_UNSET_SLACK_URL is not set" in r.stderr
+        assert "missing.key" in r.stderr
+        assert "$CREDENTIALS_DIRECTORY" in r.stderr
 
 
 def test_output_into_a_closed_pipe_prints_no_traceback(router: Router) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.parse import MAX_ID_LENGTH, BadMessage, Parsed, loads, parse
+from router.spool import parse_file
 from tests.conftest import fixture_vectors
 
 FAST = settings(max_examples=200, deadline=None)
@@ -198,12 +201,29 @@ def test_arbitrary_bytes_parse_or_are_bad_messages(body: bytes) -> None:
     assert isinstance(outcome(body), Parsed | BadMessage)
 
 
+#: Any text JSON can carry, lone UTF-16 surrogates included (``"\\ud800"`` is valid JSON, and
+#: hypothesis leaves surrogates out of text unless told to).
+lone_surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+any_text = st.text(max_size=20) | st.lists(
+    st.text(max_size=6) | lone_surrogates, min_size=1, max_size=4
+).map("".join)
+#: Patient ids as Metriport's fields carry them, some of them over the order key's length limit.
+patient_ids = any_text | st.builds(lambda t: t * 40, any_text)
+patient_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "payload": st.fixed_dictionaries({"patientId": patient_ids}),
+        "patients": st.lists(st.fixed_dictionaries({"patientId": patient_ids}), max_size=3),
+        "users": st.lists(st.fixed_dictionaries({"userId": patient_ids}), max_size=3),
+    },
+)
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
+    | any_text,
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -217,7 +237,8 @@ json_values = st.recursive(
         st.sampled_from(["type", "messageId", "when", "requestId", "data", "other"]),
         json_values,
     ),
-    st.dictionaries(st.sampled_from(["ping", "payload", "patients"]), json_values, max_size=2),
+    st.dictionaries(st.sampled_from(["ping", "payload", "patients"]), json_values, max_size=2)
+    | patient_fields,
 )
 def test_arbitrary_meta_parses_or_is_a_bad_message(meta_: dict[str, Any], rest: Any) -> None:
     result = outcome(doc(meta_, **rest))
@@ -227,6 +248,19 @@ def test_arbitrary_meta_parses_or_is_a_bad_message(meta_: dict[str, Any], rest: 
         assert result.message_id == meta_["messageId"]
         assert result.type.isprintable()
         assert result.message_id.isprintable()
+        # Everything the journal, file lines and logs hold must be UTF-8 text.
+        for value in (result.type, result.message_id, result.when, result.request_id):
+            assert value is None or value.encode()
+        assert len(result.order_key) <= MAX_ID_LENGTH
+        result.order_key.encode()
+
+
+@FAST
+@given(patient_fields)
+def test_any_patient_ids_give_an_order_key_the_journal_can_store(fields: dict[str, Any]) -> None:
+    key = parse(doc(meta(), **fields)).order_key
+    assert len(key) <= MAX_ID_LENGTH
+    key.encode()  # UTF-8: no lone surrogate left
 
 
 @FAST
@@ -302,6 +336,50 @@ def test_keys_repeated_deeper_in_the_body_are_accepted() -> None:
     )
     parsed = parse(body)
     assert (parsed.type, parsed.message_id, parsed.order_key) == ("t", "m", "q")
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        pytest.param({"payload": {"patientId": "p\ud800"}}, "p?", id="payload-high"),
+        pytest.param({"payload": {"patientId": "p\udc00x"}}, "p?x", id="payload-low"),
+        pytest.param(
+            {"patients": [{"patientId": "\ud800"}, {"patientId": "b"}]}, "?,b", id="patients"
+        ),
+        pytest.param({"users": [{"userId": "u\udfff"}]}, "u?", id="users"),
+        pytest.param(
+            {"payload": {"patientId": "p\ud800" * 200}},
+            "sha256:" + hashlib.sha256(b"p?" * 200).hexdigest(),
+            id="over-the-length-limit",
+        ),
+    ],
+)
+def test_a_lone_surrogate_in_a_patient_id_is_a_question_mark_in_the_order_key(
+    fields: dict[str, Any], key: str
+) -> None:
+    # Not encodable as UTF-8: the journal could not store the key (503 on every retry), nor
+    # hash a long one (500). The streaming parser reads a high surrogate as "?" too.
+    assert parse(doc(meta(), **fields)).order_key == key
+
+
+def test_a_lone_surrogate_in_a_patient_id_gives_the_streamed_order_key(tmp_path: Path) -> None:
+    for fields in (
+        {"payload": {"patientId": "p\ud800"}},
+        {"patients": [{"patientId": "a\ud800b" * 99}]},
+    ):
+        body = doc(meta(), **fields)
+        (tmp_path / "body.json").write_bytes(body)
+        assert parse(body) == parse_file(tmp_path / "body.json")
+
+
+@pytest.mark.parametrize("field", ["type", "messageId", "when", "requestId"])
+@pytest.mark.parametrize("surrogate", ["\ud800", "\udc00", "\udbff"])
+def test_a_lone_surrogate_in_a_meta_field_is_refused_saying_why(field: str, surrogate: str) -> None:
+    # Refused rather than replaced: a messageId changed to "m-?" could collide with another
+    # message's and be answered as its duplicate.
+    with pytest.raises(BadMessage) as info:
+        parse(doc(meta(**{field: f"m-{surrogate}"})))
+    assert str(info.value) == f"meta.{field} is not valid Unicode: it holds a lone UTF-16 surrogate"
 
 
 def test_a_number_with_too_many_digits_is_a_clear_bad_message() -> None:

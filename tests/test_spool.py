@@ -1,5 +1,6 @@
-"""Large bodies: the spool writes them to disk past a threshold, and the streaming parser
-reads exactly what the in-memory parser reads."""
+"""Large bodies: the spool writes them to disk past a threshold, parsing them as they arrive,
+and the streaming parser (pushed piece by piece, or pulling a file) reads exactly what the
+in-memory parser reads."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router import spool
+from router import durable, spool
+from router.journal.sqlite import SQLiteJournal as Journal
 from router.parse import BadMessage, Parsed, parse
-from router.spool import Spool, parse_file
+from router.spool import Spool, StreamParser, parse_file
 from tests.conftest import fixture_vectors
 
 pytestmark = pytest.mark.anyio
@@ -26,18 +28,36 @@ def exact(path: Path) -> Parsed:
         return spool._read(f, spool._parse_events)
 
 
-def both(tmp_path: Path, body: bytes) -> tuple[Parsed | str, Parsed | str]:
-    """What ``parse`` and ``parse_file`` make of the body, after checking that the streaming
-    parser's exact loop agrees with ``parse_file``."""
+def pushed(path: Path, body: bytes, piece: int) -> Parsed:
+    """The parser the spool uses: fed ``piece`` bytes at a time, as a body arrives."""
+    parser = StreamParser(path)
+    for at in range(0, len(body), piece):
+        parser.feed(body[at : at + piece])
+    return parser.close()
+
+
+def both(tmp_path: Path, body: bytes, piece: int = 0) -> tuple[Parsed | str, Parsed | str]:
+    """What ``parse`` and the streaming parser (pushed in pieces of ``piece`` bytes) make of the
+    body, after checking that ``parse_file`` and the exact loop agree with it, and that pushing
+    it in pieces of 1 and 2 bytes (a BOM split, every token split) or whole does too."""
     path = tmp_path / "body.json"
     path.write_bytes(body)
     results: list[Parsed | str] = []
-    for reader in (lambda: parse(body), lambda: parse_file(path), lambda: exact(path)):
+    readers = [
+        lambda: parse(body),
+        lambda: pushed(path, body, piece or 7),
+        lambda: parse_file(path),
+        lambda: exact(path),
+        lambda: pushed(path, body, 1),
+        lambda: pushed(path, body, 2),
+        lambda: pushed(path, body, max(len(body), 1)),
+    ]
+    for reader in readers:
         try:
             results.append(reader())
         except BadMessage:
             results.append("BadMessage")
-    assert results[2] == results[1]
+    assert results[2:] == [results[1]] * (len(readers) - 2)
     return results[0], results[1]
 
 
@@ -110,6 +130,7 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(
+    piece=st.integers(1, 64),
     meta=st.dictionaries(
         st.sampled_from(["type", "messageId", "when", "requestId", "data"]),
         st.text(max_size=6) | st.integers() | st.none(),
@@ -124,10 +145,13 @@ json_values = st.recursive(
     ),
 )
 def test_any_document_parses_the_same_streamed(
-    tmp_path_factory: pytest.TempPathFactory, meta: dict[str, object], extra: dict[str, object]
+    tmp_path_factory: pytest.TempPathFactory,
+    piece: int,
+    meta: dict[str, object],
+    extra: dict[str, object],
 ) -> None:
     body = json.dumps({"meta": meta, **extra}).encode()
-    in_memory, streamed = both(tmp_path_factory.mktemp("doc"), body)
+    in_memory, streamed = both(tmp_path_factory.mktemp("doc"), body, piece)
     assert streamed == in_memory
 
 
@@ -163,3 +187,62 @@ async def test_a_discarded_body_leaves_no_file(tmp_path: Path) -> None:
     await spool.discard()
     assert list((tmp_path / "bodies").iterdir()) == []
     await anyio.lowlevel.checkpoint()
+
+
+async def test_a_spooled_body_is_parsed_as_it_arrives(tmp_path: Path) -> None:
+    body = (
+        b'{"meta": {"type": "medical.consolidated-data", "messageId": "m-1"},'
+        b' "patients": [{"patientId": "p-1", "bundle": "' + b"x" * 500 + b'"}]}'
+    )
+    spool = Spool(tmp_path / "bodies", threshold=100)
+    for at in range(0, len(body), 37):
+        await spool.write(body[at : at + 37])
+    await spool.finish()
+    assert spool.spooled
+    assert spool.parsed() == parse(body)
+    assert spool.path is not None and spool.path.read_bytes() == body
+
+    bad = Spool(tmp_path / "bodies", threshold=100)
+    await bad.write(body[:-1])  # the closing brace never comes
+    await bad.finish()
+    with pytest.raises(BadMessage, match="not valid JSON"):
+        bad.parsed()
+    await bad.discard()
+    await spool.discard()
+
+
+def test_a_new_folder_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The journal folder (and each folder made above it) and bodies/: a 200 must never depend
+    # on a directory entry that is not on disk.
+    synced: list[Path] = []
+    real = durable.fsync_dir
+
+    def recorded(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_dir", recorded)
+    folder = tmp_path / "var" / "journal"
+
+    async def run() -> None:
+        journal = Journal(folder)
+        await journal.open()
+        try:
+            assert synced[:2] == [tmp_path, tmp_path / "var"]
+            synced.clear()
+            body = Spool(journal.bodies, threshold=10)
+            await body.write(b"{" + b" " * 20 + b"}")
+            assert synced == [folder]  # bodies/ was created in it
+            await body.finish()
+            await body.seal()
+            assert synced == [folder, journal.bodies]  # and the body's new name in bodies/
+            again = Spool(journal.bodies, threshold=10)
+            await again.write(b" " * 20)  # bodies/ exists now: nothing more to sync
+            assert synced == [folder, journal.bodies]
+            await again.discard()
+        finally:
+            await journal.close()
+
+    anyio.run(run)

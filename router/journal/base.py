@@ -187,8 +187,15 @@ class Journal(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def local_dir(self) -> Path:
+        """The local folder this router keeps the journal's files in (SQLite: the database;
+        either backend: large bodies being received). Its free space is what the unverified
+        bytes budget guards (``router.diskbudget``)."""
+
+    @property
     def bodies(self) -> Path:
         """The local folder large bodies are received into (``router.spool``)."""
+        return self.local_dir / "bodies"
 
     @abc.abstractmethod
     def body_path(self, name: str) -> Path:

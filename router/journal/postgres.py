@@ -1,1 +1,1 @@
-from router.journal.base import Journal as PostgresJournal  # placeholder
+from router.journal.base import Journal as PostgresJournal  # noqa: F401  (placeholder)

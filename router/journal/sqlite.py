@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from router import durable
 from router.errors import JournalUnavailable
 from router.journal.base import (
     DEFAULT_LEASE,
@@ -49,6 +50,7 @@ from router.journal.base import (
     StoredMessage,
 )
 from router.journal.groupcommit import GroupCommit
+from router.logs import kv
 from router.message import Message
 
 log = logging.getLogger("router.journal")
@@ -150,6 +152,28 @@ _BLOCKED = f"""SELECT count(*) FROM deliveries d
     WHERE d.sink = ? AND d.state = 'pending' AND d.attempts > 0 AND {_HEAD}"""  # noqa: S608
 
 
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+#: Free pages given back to the file system per transaction after a sweep (4 KiB each).
+VACUUM_PAGES = 500
+
+
+def size_on_disk(directory: Path) -> int:
+    """Bytes the journal in ``directory`` holds on disk: the database with its write-ahead log,
+    and every body stored in ``bodies/`` (not the ``-shm`` index, which exists only while the
+    file is open). ``status`` and the ``journal_bytes`` gauge both report this."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in directory.iterdir():
+            if path.name.startswith("journal.sqlite3") and not path.name.endswith("-shm"):
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+    with contextlib.suppress(OSError):
+        for path in (directory / "bodies").iterdir():
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return total
+
+
 #: What the error for a damaged journal file tells the operator to do.
 RECOVERY = (
     "stop, move the journal folder aside and rebuild it with `sqlite3 DAMAGED .recover | sqlite3"
@@ -165,6 +189,11 @@ def _damaged(e: BaseException) -> str:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    # First: SQLite takes auto_vacuum only before the file's first page is written, and the
+    # switch to WAL writes it. Only on a new file: on an existing one the pragma writes the
+    # header, and a damaged file must be left as it was found.
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -179,7 +208,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def _now(conn: sqlite3.Connection) -> float:
-    return float(conn.execute(f"SELECT {NOW}").fetchone()[0])  # noqa: S608
+    return float(conn.execute(f"SELECT {NOW}").fetchone()[0])
 
 
 def _process_gone(pid: int) -> bool:
@@ -228,13 +257,13 @@ class SQLiteJournal(Journal):
                 " configuration?"
             )
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            durable.make_dirs(self.directory)  # its entry on disk before any promise in it
             conn = _connect(self.path)
         except (sqlite3.Error, OSError) as e:
             raise JournalUnavailable(f"cannot open journal {self.path}: {e}{_damaged(e)}") from e
         try:
-            self.path.chmod(0o600)
-            conn.execute("BEGIN IMMEDIATE")  # one process migrates at a time
+            if maintenance:
+                self.path.chmod(0o600)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalUnavailable(
@@ -245,15 +274,10 @@ class SQLiteJournal(Journal):
             check = " ".join(conn.execute("PRAGMA quick_check").fetchone()[0].split())
             if check != "ok":
                 raise JournalUnavailable(f"journal {self.path} is damaged: {check}; {RECOVERY}")
-            if version == 0:
-                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
-            if version == 1:
-                _run_script(conn, _MIGRATE_1)
-                log.info("journal migrated from schema 1 to %d (claims and leases)", SCHEMA_VERSION)
-            _run_script(conn, _SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+            if version < SCHEMA_VERSION:
+                self._migrate(conn)
+            if maintenance and conn.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+                self._migrate_auto_vacuum(conn)  # outside a transaction: VACUUM needs that
         except (sqlite3.Error, OSError, JournalUnavailable) as e:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -267,6 +291,42 @@ class SQLiteJournal(Journal):
             except OSError as e:
                 log.warning("could not clear unreferenced stored files: %s", e.strerror)
         self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older one up to date: one process at a time (the
+        write lock), each step once (the version is read again under the lock)."""
+        conn.execute("BEGIN IMMEDIATE")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:
+            _run_script(conn, _MIGRATE_1)
+            log.info("journal migrated from schema 1 to %d (claims and leases)", SCHEMA_VERSION)
+        if version < SCHEMA_VERSION:
+            _run_script(conn, _SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+
+    def _migrate_auto_vacuum(self, conn: sqlite3.Connection) -> None:
+        """Journals made by earlier versions have no auto_vacuum (the switch to WAL came first),
+        so retention never gave space back. One VACUUM rewrites the file with it; it needs free
+        space about the database's size, and a failure leaves the journal as it was (it keeps
+        working, without giving space back; the next start tries again)."""
+        before = size_on_disk(self.directory)
+        log.warning(kv("journal-vacuum", reason="enabling auto_vacuum", bytes=before))
+        started = time.monotonic()
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # what the VACUUM then applies
+            conn.execute("VACUUM")
+        except sqlite3.Error as e:
+            log.error(kv("journal-vacuum-failed", error=str(e)))
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.warning(
+            kv(
+                "journal-vacuumed",
+                bytes=size_on_disk(self.directory),
+                seconds=round(time.monotonic() - started, 3),
+            )
+        )
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -374,6 +434,10 @@ class SQLiteJournal(Journal):
         if body_file is None:
             return None
         return str(body_file.relative_to(self.directory))
+
+    @property
+    def local_dir(self) -> Path:
+        return self.directory
 
     @property
     def bodies(self) -> Path:
@@ -519,7 +583,15 @@ class SQLiteJournal(Journal):
                    VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at,
                        alive_until = excluded.alive_until, sinks = excluded.sinks""",
-                (router.id, router.host, router.pid, now, now, now + lease, json.dumps(router.sinks)),
+                (
+                    router.id,
+                    router.host,
+                    router.pid,
+                    now,
+                    now,
+                    now + lease,
+                    json.dumps(router.sinks),
+                ),
             )
             # Routers not seen for a day are history.
             conn.execute("DELETE FROM routers WHERE alive_until < ?", (now - 86400,))
@@ -533,9 +605,7 @@ class SQLiteJournal(Journal):
         def write(conn: sqlite3.Connection) -> dict[str, int]:
             now = _now(conn)
             known = set(sinks)
-            for (names,) in conn.execute(
-                "SELECT sinks FROM routers WHERE alive_until > ?", (now,)
-            ):
+            for (names,) in conn.execute("SELECT sinks FROM routers WHERE alive_until > ?", (now,)):
                 known.update(json.loads(names))
             names = sorted(known)
             marks = ",".join("?" * len(names))
@@ -566,16 +636,7 @@ class SQLiteJournal(Journal):
         return await anyio.to_thread.run_sync(self._size_bytes)
 
     def _size_bytes(self) -> int:
-        """The database, its write-ahead log, and the bodies stored beside it."""
-        total = 0
-        for path in self.directory.glob(f"{self.path.name}*"):
-            with contextlib.suppress(OSError):
-                total += path.stat().st_size
-        if self.bodies.is_dir():
-            for path in self.bodies.iterdir():
-                with contextlib.suppress(OSError):
-                    total += path.stat().st_size
-        return total
+        return size_on_disk(self.directory)
 
     async def sweep(self, retention: float, now: float | None = None, batch: int = 1000) -> int:
         cutoff = (time.time() if now is None else now) - retention
@@ -606,8 +667,25 @@ class SQLiteJournal(Journal):
             if count < batch:
                 break
         if removed:
-            await self._write(lambda conn: conn.execute("PRAGMA incremental_vacuum(2000)"))
+            await self._give_space_back()
         return removed
+
+    async def _give_space_back(self) -> None:
+        """Hand the pages the sweep freed back to the file system (``auto_vacuum=INCREMENTAL``;
+        the file shrinks at the next checkpoint), ``VACUUM_PAGES`` per transaction so that
+        requests are never held up for long. Python's sqlite3 steps a statement that returns
+        no rows once, and each step of ``incremental_vacuum`` frees one page: hence the loop."""
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int]:
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            for _ in range(min(free, VACUUM_PAGES)):
+                conn.execute("PRAGMA incremental_vacuum")
+            return free, int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+        while True:
+            before, after = await self._write(write)
+            if after == 0 or after >= before:  # all given back, or auto_vacuum is off
+                break
 
     def _unlink(self, names: Iterable[str]) -> None:
         for name in names:
