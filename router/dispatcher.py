@@ -13,6 +13,7 @@ a crash loses nothing, and with several routers on one journal no delivery is he
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -317,11 +318,12 @@ class SinkRunner:
             if not recorded:
                 # Cancelled (reload, shutdown) or failed: give the claims back at once rather
                 # than leave them to expire.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
-                    try:
-                        await self.journal.release(self.name, claims)
-                    except JournalUnavailable:
-                        pass  # they expire instead
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(5.0),
+                    contextlib.suppress(JournalUnavailable),  # they expire instead
+                ):
+                    await self.journal.release(self.name, claims)
             for c in claims:
                 self.held.pop(c.seq, None)
             self.active -= 1
@@ -474,10 +476,8 @@ class Dispatcher:
                 self._tg.start_soon(self._release, name, Claim(seq, 0, FIRST_TOKEN))
 
     async def _release(self, sink: str, claim: Claim) -> None:
-        try:
+        with contextlib.suppress(JournalUnavailable):  # it expires instead
             await self.journal.release(sink, [claim])
-        except JournalUnavailable:
-            pass  # it expires instead
 
     def wake(self, sinks: Iterable[str] | None = None) -> None:
         """Deliveries may have become due (another router's message, an operator): look."""

@@ -213,9 +213,9 @@ class Journal(abc.ABC):
         lease: float = DEFAULT_LEASE,
     ) -> Appended:
         """Store a message and one pending delivery per sink; return once durable. Deliveries
-        to ``claim_for`` sinks are leased to ``owner`` for ``lease`` seconds at once. ``ordered``: some sink is
-        ordered, so the message's row must be allocated in commit order among messages of its
-        order key (several writers)."""
+        to ``claim_for`` sinks are leased to ``owner`` for ``lease`` seconds at once.
+        ``ordered``: some sink is ordered, so the message's row must be allocated in commit
+        order among messages of its order key (several writers)."""
 
     # -- delivery -----------------------------------------------------------------------------
 
