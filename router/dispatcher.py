@@ -437,6 +437,7 @@ class Dispatcher:
         self.retiring: dict[str, SinkRunner] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = anyio.Event()
+        journal.subscribe(self.wake)
 
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(

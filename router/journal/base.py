@@ -35,7 +35,7 @@ database's clock; lease and retry deadlines are computed there, never from a rou
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -182,6 +182,11 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """Where the journal is, for logs (never a password)."""
+
+    def subscribe(self, wake: Callable[[set[str] | None], None]) -> None:  # noqa: B027
+        """Have ``wake`` called (with the sinks concerned, ``None`` for all) when another
+        router leaves deliveries to claim. Backends without notifications never call it: the
+        runners poll."""
 
     # -- ingest -------------------------------------------------------------------------------
 
