@@ -162,7 +162,7 @@ def _print_check(config: Config) -> None:
     server = config.server
     print(f"listen:  {', '.join(server.listen)}  POST {server.path}")
     print(f"auth:    {' + '.join(config.auth.accept)}, {len(config.auth.keys)} key(s)")
-    print(f"journal: {config.journal.path}")
+    print(f"journal: {_journal_text(config)}")
     print("routes (every matching route fires; a sink gets a message once):")
     rows = describe(config.routes)
     width = max(len(pattern) for pattern, _ in rows)
@@ -177,6 +177,19 @@ def _print_check(config: Config) -> None:
             f"  (retry up to {sink.retry.max_attempts or 'unlimited'} attempts,"
             f" timeout {sink.timeout:g}s{order})"
         )
+
+
+def _journal_text(config: Config) -> str:
+    pg = config.journal.postgres
+    if pg is None:
+        return str(config.journal.path)
+    from router.journal import journal_for
+
+    listen = "LISTEN/NOTIFY" if pg.listen else "polling (listen: false)"
+    return (
+        f"{journal_for(config.journal).describe()} (PostgreSQL, pool {pg.pool}, {listen};"
+        f" large bodies received in {config.journal.path})"
+    )
 
 
 def _serve(config: Config, log_level: str | None) -> int:

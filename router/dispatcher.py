@@ -462,16 +462,23 @@ class Dispatcher:
         the append claims it for this router)."""
         return [n for n in sinks if (r := self.runners.get(n)) is not None and r.has_room(message)]
 
-    def offer(self, seq: int, message: Message, claimed: Iterable[str]) -> None:
-        """A message was just journaled and claimed for ``claimed``: hand it to their runners
-        (a runner gone meanwhile by a reload: its claim is given back)."""
+    def offer(
+        self, seq: int, message: Message, sinks: Iterable[str], claimed: Iterable[str]
+    ) -> None:
+        """A message was just journaled for ``sinks`` and claimed for ``claimed``: hand it to
+        those runners (a runner gone meanwhile by a reload: its claim is given back), and wake
+        the others (an ordered sink's runner claims it from the journal)."""
+        mine = set(claimed)
         orphans: list[str] = []
-        for name in claimed:
+        for name in mine:
             runner = self.runners.get(name)
             if runner is not None and not runner.stopping:
                 runner.offer(seq, message)
             else:
                 orphans.append(name)
+        for name in sinks:
+            if name not in mine and (runner := self.runners.get(name)) is not None:
+                runner.notify()
         if orphans and self._tg is not None:
             for name in orphans:
                 self._tg.start_soon(self._release, name, Claim(seq, 0, FIRST_TOKEN))

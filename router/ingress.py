@@ -334,7 +334,7 @@ class Ingress:
             log.info(kv("duplicate", id=message.message_id, type=message.type))
             return await respond(send, 200, pong, JSON if pong else None)
 
-        rt.dispatcher.offer(appended.seq, message, appended.claimed)
+        rt.dispatcher.offer(appended.seq, message, sinks, appended.claimed)
         status = await respond(send, 200, pong, JSON if pong else None)
         rt.metrics.ack_seconds.observe(time.perf_counter() - start)
         rt.metrics.child(rt.metrics.accepted, message.type).inc()

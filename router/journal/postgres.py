@@ -231,6 +231,7 @@ class PostgresJournal(Journal):
         self._notifier: asyncio.Task[None] | None = None
         self._to_notify: set[str] = set()
         self._notify_event = asyncio.Event()
+        self._closing = False
         self._healthy = False
         self._wake: Callable[[set[str] | None], None] | None = None
 
@@ -365,11 +366,16 @@ class PostgresJournal(Journal):
             with contextlib.suppress(Exception):
                 await self._writer
             self._writer = None
-        for task in (self._listener, self._notifier):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        if self._notifier is not None:
+            # Let it send what the last writes left for other routers, then end.
+            self._closing = True
+            self._notify_event.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._notifier, 5.0)
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
         self._listener = self._notifier = None
         if self._pool is not None:
             await self._pool.close()
@@ -517,21 +523,29 @@ class PostgresJournal(Journal):
     # -- wake-ups -----------------------------------------------------------------------------
 
     async def _notify_loop(self) -> None:
-        assert self._pool is not None
         while True:
             await self._notify_event.wait()
             self._notify_event.clear()
-            sinks, self._to_notify = self._to_notify, set()
-            payload = ",".join(sorted(sinks))
-            if len(payload.encode()) > 7000:
-                payload = ""  # everyone wakes every runner
-            try:
-                async with self._pool.connection() as conn:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-                    await conn.commit()
-            except Exception as e:  # a hint only: runners poll too
-                log.debug("journal notify failed: %s", type(e).__name__)
+            await self._send_notify()
+            if self._closing:
+                return
             await asyncio.sleep(NOTIFY_EVERY)
+
+    async def _send_notify(self) -> None:
+        """NOTIFY the sinks that got work to claim since the last one (a hint: runners poll
+        too, so a failure here loses nothing)."""
+        sinks, self._to_notify = self._to_notify, set()
+        if not sinks or self._pool is None:
+            return
+        payload = ",".join(sorted(sinks))
+        if len(payload.encode()) > 7000:  # NOTIFY refuses 8000 bytes: wake every runner
+            payload = ""
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                await conn.commit()
+        except Exception as e:
+            log.debug("journal notify failed: %s", type(e).__name__)
 
     async def _listen_loop(self) -> None:
         dsn = self.config.dsn.get_secret_value()

