@@ -154,6 +154,9 @@ class SinkRunner:
                     await after.retired.wait()
                 await self.run()
             finally:
+                # Also when retired before it ever ran: what it was handed goes back at once.
+                with anyio.CancelScope(shield=True):
+                    await self._release_fresh()
                 self._done.set()
 
     async def done(self) -> None:
@@ -194,25 +197,21 @@ class SinkRunner:
         self._wake.set()
 
     async def run(self) -> None:
-        try:
-            await self._open()
-            async with anyio.create_task_group() as tg:
-                while not self.stopping:
-                    wake = self._wake = anyio.Event()
-                    try:
-                        wait = await self._dispatch_due(tg)
-                    except JournalUnavailable as e:
-                        log.error(kv("journal-read-failed", sink=self.name, error=str(e)))
-                        wait = 1.0
-                    if wait == 0.0:
-                        continue
-                    # Look at the journal at least every IDLE_POLL seconds even when nothing is
-                    # due: operators (``dead retry``, ``replay``) and other routers change it.
-                    with anyio.move_on_after(IDLE_POLL if wait is None else min(wait, IDLE_POLL)):
-                        await wake.wait()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._release_fresh()
+        await self._open()
+        async with anyio.create_task_group() as tg:
+            while not self.stopping:
+                wake = self._wake = anyio.Event()
+                try:
+                    wait = await self._dispatch_due(tg)
+                except JournalUnavailable as e:
+                    log.error(kv("journal-read-failed", sink=self.name, error=str(e)))
+                    wait = 1.0
+                if wait == 0.0:
+                    continue
+                # Look at the journal at least every IDLE_POLL seconds even when nothing is
+                # due: operators (``dead retry``, ``replay``) and other routers change it.
+                with anyio.move_on_after(IDLE_POLL if wait is None else min(wait, IDLE_POLL)):
+                    await wake.wait()
 
     async def _release_fresh(self) -> None:
         """Give back the claims of messages kept at hand but never sent (stop, reload)."""
