@@ -549,3 +549,49 @@ async def test_the_fresh_message_cache_is_bounded_by_count_and_bytes(
     for seq in range(1, 1001):
         offer(big, seq, large)
     assert big.fresh_size == (FRESH_BYTES // (64 * 1024), FRESH_BYTES)
+
+
+async def test_a_send_longer_than_the_lease_keeps_its_claim(
+    make_config: Callable[..., Config],
+) -> None:
+    # The lease is 3 s; the send takes longer. While it runs, another router on the same
+    # journal (a second connection set, as a second process would have) must never be able to
+    # claim the delivery: the dispatcher renews the lease every second. Then it is delivered
+    # once and the journal says so.
+    started, finish = anyio.Event(), anyio.Event()
+    sent: list[str] = []
+
+    class Slow(Sink[SinkOptions]):
+        type = "slow"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            started.set()
+            await finish.wait()
+            sent.extend(m.message_id for m in batch)
+            return None
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Slow), recorder),
+        sinks={"s": {"type": "slow", "timeout": "60s"}},
+        default=["s"],
+        journal={"path": str(Path(make_config().journal.path)), "lease": "3s"},
+    )
+    other = Journal(config.journal.path)
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (await post(client, router.webhook_url, body_for(message_id="long-1"))).status_code
+        await started.wait()
+        await other.open(maintenance=False)
+        try:
+            taken = []
+            with anyio.move_on_after(4.5):  # past the lease: only renewal keeps it held
+                while not taken:
+                    taken = await other.claim("s", "other-router", 10, ordered=False, lease=3)
+                    await anyio.sleep(0.1)
+            assert taken == []
+        finally:
+            await other.close()
+        finish.set()
+        await recorder.wait_for(lambda r: r.delivered_to("s") == ["long-1"])
+    assert sent == ["long-1"]
+    assert deliveries(config) == [("long-1", "s", "delivered", 1, None)]
