@@ -285,6 +285,25 @@ class Journal(abc.ABC):
     async def size_bytes(self) -> int:
         """The journal's size in storage (database files and stored bodies)."""
 
+    # -- coordination between routers ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take (or extend, when ``owner`` holds it) the named lock for ``ttl`` seconds on the
+        database's clock; False when another owner holds it. For work that must not overlap
+        across routers (asking Metriport to resend what failed)."""
+
+    @abc.abstractmethod
+    async def unlock(self, name: str, owner: str) -> None:
+        """Give the lock back (if ``owner`` still holds it)."""
+
+    @abc.abstractmethod
+    async def get_state(self, key: str) -> tuple[str, float] | None:
+        """A small value shared by the routers (JSON text) and when it was written."""
+
+    @abc.abstractmethod
+    async def set_state(self, key: str, value: str) -> None: ...
+
     # -- operator -----------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -131,6 +131,16 @@ _SCHEMA = [
         stored_at double precision NOT NULL,
         PRIMARY KEY (body_id, part)
     )""",
+    """CREATE TABLE IF NOT EXISTS wr_locks (
+        name text PRIMARY KEY,
+        owner text NOT NULL,
+        until double precision NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS wr_state (
+        key text PRIMARY KEY,
+        value text NOT NULL,
+        updated_at double precision NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS wr_routers (
         id text PRIMARY KEY,
         host text NOT NULL,
@@ -980,6 +990,53 @@ class PostgresJournal(Journal):
                 with contextlib.suppress(OSError):
                     if path.stat().st_mtime < old:
                         path.unlink()
+
+    # -- coordination between routers ---------------------------------------------------------
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        async def write(conn: Conn) -> bool:
+            now = await _now(conn)
+            row = await (
+                await conn.execute(
+                    """INSERT INTO wr_locks (name, owner, until) VALUES (%s, %s, %s)
+                       ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,
+                           until = excluded.until
+                       WHERE wr_locks.owner = excluded.owner OR wr_locks.until <= %s
+                       RETURNING owner""",
+                    (name, owner, now + ttl, now),
+                )
+            ).fetchone()
+            return row is not None
+
+        result: bool = await self._write(write)
+        return result
+
+    async def unlock(self, name: str, owner: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute("DELETE FROM wr_locks WHERE name = %s AND owner = %s", (name, owner))
+
+        await self._write(write)
+
+    async def get_state(self, key: str) -> tuple[str, float] | None:
+        async def read(conn: Conn) -> tuple[str, float] | None:
+            row = await (
+                await conn.execute("SELECT value, updated_at FROM wr_state WHERE key = %s", (key,))
+            ).fetchone()
+            return None if row is None else (row[0], float(row[1]))
+
+        result: tuple[str, float] | None = await self._read(read)
+        return result
+
+    async def set_state(self, key: str, value: str) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                f"""INSERT INTO wr_state (key, value, updated_at) VALUES (%s, %s, {NOW})
+                    ON CONFLICT (key) DO UPDATE SET value = excluded.value,
+                        updated_at = excluded.updated_at""",  # noqa: S608
+                (key, value),
+            )
+
+        await self._write(write)
 
     # -- operator -----------------------------------------------------------------------------
 

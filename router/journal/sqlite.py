@@ -95,6 +95,16 @@ CREATE INDEX IF NOT EXISTS deliveries_leased
     ON deliveries (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_unrouted ON messages (seq) WHERE routed = 0;
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS routers (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -710,6 +720,51 @@ class SQLiteJournal(Journal):
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < young or not _others_alive(conn):
                     path.unlink()
+
+    # -- coordination between routers ------------------------------------------------------
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            now = _now(conn)
+            row = conn.execute(
+                """INSERT INTO locks (name, owner, until) VALUES (?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,
+                       until = excluded.until
+                   WHERE locks.owner = excluded.owner OR locks.until <= ?
+                   RETURNING owner""",
+                (name, owner, now + ttl, now),
+            ).fetchone()
+            return row is not None
+
+        result: bool = await self._write(write)
+        return result
+
+    async def unlock(self, name: str, owner: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner)
+            )
+        )
+
+    async def get_state(self, key: str) -> tuple[str, float] | None:
+        def read(conn: sqlite3.Connection) -> tuple[str, float] | None:
+            row = conn.execute(
+                "SELECT value, updated_at FROM state WHERE key = ?", (key,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        result: tuple[str, float] | None = await self._read(read)
+        return result
+
+    async def set_state(self, key: str, value: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                f"""INSERT INTO state (key, value, updated_at) VALUES (?, ?, {NOW})
+                    ON CONFLICT (key) DO UPDATE SET value = excluded.value,
+                        updated_at = excluded.updated_at""",  # noqa: S608
+                (key, value),
+            )
+        )
 
     # -- operator --------------------------------------------------------------------------
 
