@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = with_config("serve", "run the daemon in the foreground")
     serve.add_argument(
         "--log-level",
+        type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="overrides log.level of the configuration",
     )

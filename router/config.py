@@ -423,11 +423,10 @@ def _local(address: str) -> bool:
 
 
 def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:
-    try:
-        pm = plugins.new_manager(entry_points=entry_points)
-    except plugins.PluginLoadError as e:
-        src.problem((), str(e))
-        pm = plugins.new_manager(entry_points=False)
+    problems: list[str] = []
+    pm = plugins.new_manager(entry_points=entry_points, problems=problems)
+    for text in problems:
+        src.problem((), text)
     names = src.data.get("plugins") or []
     if isinstance(names, list):
         for i, spec in enumerate(names):

@@ -15,13 +15,22 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from router.errors import JournalUnavailable
 from router.journal import Journal
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The ``*_created`` series (when each counter was created) say nothing about this daemon.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 #: How old the journal's gauges may be when scraped.
 GAUGE_REFRESH_SECONDS = 5.0
 

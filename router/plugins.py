@@ -8,12 +8,16 @@ relative to the configuration file).
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Awaitable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,19 +39,53 @@ class PluginLoadError(Exception):
     """A plugin could not be imported or registered; the message says why."""
 
 
-def new_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
-    """A plugin manager with the hook specs, the built-in sinks and installed plugins."""
+#: Entry points (by name) not to load, comma-separated: a broken installed plugin can be
+#: switched off without uninstalling it.
+DISABLE_ENV = "WEBHOOK_ROUTER_DISABLE_PLUGINS"
+
+
+def new_manager(
+    *, entry_points: bool = True, problems: list[str] | None = None
+) -> pluggy.PluginManager:
+    """A plugin manager with the hook specs, the built-in sinks and installed plugins. An
+    installed plugin that fails to load is reported in ``problems`` (naming its entry point and
+    distribution) and left out; without ``problems`` it raises ``PluginLoadError``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in DEFAULT_PLUGINS:
         register(pm, importlib.import_module(name), name)
     if entry_points:
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-            pm.check_pending()
-        except Exception as e:
-            raise PluginLoadError(f"entry-point plugin failed to load: {e}") from e
+        found = load_entry_points(pm)
+        if found and problems is None:
+            raise PluginLoadError(found[0])
+        if problems is not None:
+            problems.extend(found)
     return pm
+
+
+def load_entry_points(pm: pluggy.PluginManager) -> list[str]:
+    """Register every plugin of the ``webhook_router`` entry-point group, one by one; return
+    the problems (one per plugin that could not be loaded or registered)."""
+    disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    problems = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in disabled or pm.get_plugin(ep.name) is not None:
+            continue
+        dist = getattr(ep, "dist", None)
+        origin = f"entry point {ep.name!r} ({ep.value})"
+        if dist is not None:
+            origin += f" of {dist.metadata['Name']} {dist.version}"
+        hint = f"; to run without it: {DISABLE_ENV}={ep.name}"
+        try:
+            plugin = ep.load()
+        except Exception as e:
+            problems.append(f"{origin} failed to load: {_short(e)}{hint}")
+            continue
+        try:
+            register(pm, plugin, ep.name)
+        except PluginLoadError as e:
+            problems.append(f"{origin}: {e}{hint}")
+    return problems
 
 
 def register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
@@ -66,6 +104,7 @@ def register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
             f"plugin {name}: {', '.join(undecorated)} look like hooks but are not decorated"
             " with @router.hookimpl (or are misspelt): they would never be called"
         )
+    _guard(pm, plugin)
 
 
 def _undecorated_hooks(pm: pluggy.PluginManager, plugin: object) -> set[str]:
@@ -143,6 +182,18 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _describe(value: object) -> str:
+    """A plugin's value for an error message: a class by its name and source file, not by the
+    internal module name a plugin file is imported under."""
+    if inspect.isclass(value):
+        try:
+            where = f" ({Path(inspect.getfile(value)).name}:{inspect.getsourcelines(value)[1]})"
+        except (OSError, TypeError):
+            where = ""
+        return f"class {value.__qualname__}{where}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
 def sink_types(pm: pluggy.PluginManager) -> tuple[dict[str, type[Sink[Any]]], list[str]]:
     """Collect sink classes from every plugin: (types by name, problems found)."""
     found: dict[str, type[Sink[Any]]] = {}
@@ -155,10 +206,20 @@ def sink_types(pm: pluggy.PluginManager) -> tuple[dict[str, type[Sink[Any]]], li
         except Exception as e:
             problems.append(f"plugin {owner}: router_sink_types failed: {_short(e)}")
             continue
-        for cls in classes or ():  # type: ignore[attr-defined]
+        if classes is None:
+            continue
+        if not isinstance(classes, list | tuple):
+            problems.append(
+                f"plugin {owner}: router_sink_types must return a list of Sink classes,"
+                f" not {_describe(classes)}"
+            )
+            continue
+        for cls in classes:
             name = getattr(cls, "type", None)
             if not (inspect.isclass(cls) and issubclass(cls, Sink) and isinstance(name, str)):
-                problems.append(f"plugin {owner}: {cls!r} is not a Sink subclass with a type name")
+                problems.append(
+                    f"plugin {owner}: {_describe(cls)} is not a Sink subclass with a type name"
+                )
             elif name in found:
                 problems.append(
                     f"sink type {name!r} is provided by both {owners[name]} and {owner}"
@@ -169,21 +230,82 @@ def sink_types(pm: pluggy.PluginManager) -> tuple[dict[str, type[Sink[Any]]], li
     return found, problems
 
 
-async def notify(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
-    """Call an observer hook on every plugin, each guarded: a failure is logged, never raised."""
-    impls = getattr(pm.hook, hook).get_hookimpls()
-    if not impls:
-        return
-    for impl in impls:
+#: The observer hooks: called through ``pm.hook`` (pluggy's order, ``tryfirst``/``trylast``,
+#: wrappers and tracing all apply), each implementation guarded so that its failure is logged
+#: and never reaches the pipeline or the other plugins.
+OBSERVERS = (
+    "router_message_received",
+    "router_message_delivered",
+    "router_delivery_failed",
+    "router_message_dead_lettered",
+)
+
+
+def _guard(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Wrap each of ``plugin``'s observer implementations (not its wrappers) so that an
+    exception it raises is logged instead of stopping the hook call."""
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.name not in OBSERVERS:
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper):
+                impl.function = _guarded(  # type: ignore[misc]  # pluggy's Final, on purpose
+                    impl.function, impl.plugin_name, caller.name
+                )
+
+
+def _guarded(fn: Any, plugin: str, hook: str) -> Any:
+    if getattr(fn, "_router_guarded", False):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = impl.function(*(kwargs[a] for a in impl.argnames))
-            if inspect.isawaitable(result):
-                with anyio.fail_after(OBSERVER_TIMEOUT):
-                    await result
+            result = fn(*args, **kwargs)
         except Exception as e:
-            # The exception's text may quote whatever the plugin touched: log only its class.
-            log.error("plugin %s: hook %s raised %s", impl.plugin_name, hook, type(e).__name__)
+            _log_observer_error(plugin, hook, e)
+            return None
+        if inspect.isawaitable(result):
+            return _awaited(result, plugin, hook)
+        return result
+
+    call._router_guarded = True  # type: ignore[attr-defined]
+    return call
 
 
-def plugin_names(pm: pluggy.PluginManager) -> Sequence[str]:
-    return sorted(name for name, _ in pm.list_name_plugin() if name)
+async def _awaited(result: Awaitable[Any], plugin: str, hook: str) -> None:
+    try:
+        with anyio.fail_after(OBSERVER_TIMEOUT):
+            await result
+    except Exception as e:
+        _log_observer_error(plugin, hook, e)
+
+
+def _log_observer_error(plugin: str, hook: str, e: BaseException) -> None:
+    # The exception's text may quote whatever the plugin touched: its class and where it was
+    # raised only; at debug level also the frames (files, lines, code: no values, no text).
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    if isinstance(e, TimeoutError):
+        where = f" (not done within {OBSERVER_TIMEOUT:g}s)"
+    text = f"plugin {plugin}: hook {hook} raised {type(e).__name__}{where}"
+    if frames and log.isEnabledFor(logging.DEBUG):
+        text += "\n" + "".join(traceback.format_list(frames)).rstrip()
+    log.error(text)
+
+
+async def notify(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
+    """Call an observer hook through pluggy; a failure of any plugin is logged, never raised
+    (each implementation is guarded at registration). An ``async`` implementation is awaited,
+    each within ``OBSERVER_TIMEOUT`` seconds."""
+    caller = getattr(pm.hook, hook)
+    if not caller.get_hookimpls():
+        return
+    try:
+        results = caller(**kwargs)
+    except Exception as e:  # a wrapper failed: pluggy's call itself
+        _log_observer_error("(a hook wrapper)", hook, e)
+        return
+    for result in results:
+        if inspect.isawaitable(result):
+            await result  # guarded: see _awaited

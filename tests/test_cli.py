@@ -395,3 +395,76 @@ def test_send_a_fixture_file_to_a_running_router(router: RouterProcess, tmp_path
     wait_until(lambda: len(lines_in(out)) == 1, timeout=30, what="delivery to the file sink")
     assert lines_in(out)[0].endswith(b',"body":' + body + b"}")
     assert router.terminate() == 0
+
+
+def installed_plugin(site: Path, module: str, code: str) -> dict[str, str]:
+    """An installed distribution ``wr-test-plugin 1.0`` with a ``webhook_router`` entry point
+    ``broken`` -> ``module`` (in a folder put on PYTHONPATH, as pip would install it)."""
+    (site / f"{module}.py").write_text(code)
+    info = site / "wr_test_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wr-test-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[webhook_router]\nbroken = {module}\n")
+    return {"PYTHONPATH": str(site)}
+
+
+def test_an_installed_plugin_that_fails_to_load_is_named_and_can_be_switched_off(
+    tmp_path: Path,
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    env = installed_plugin(site, "wr_missing_dep", "import wr_no_such_module_anywhere\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("./journal", str(tmp_path / "journal")))
+    done = run("check", "--config", str(path), env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        "entry point 'broken' (wr_missing_dep) of wr-test-plugin 1.0 failed to load:"
+        " ModuleNotFoundError" in done.stderr
+    )
+    assert "WEBHOOK_ROUTER_DISABLE_PLUGINS=broken" in done.stderr
+    ok = run(
+        "check", "--config", str(path), env={**env, "WEBHOOK_ROUTER_DISABLE_PLUGINS": "broken"}
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_sink_types_returned_as_a_class_and_a_forgotten_hookimpl_are_clear_errors(
+    tmp_path: Path,
+) -> None:
+    # Both from an installed package (not a plugin file): exit 2, one line each, no traceback.
+    site = tmp_path / "site"
+    site.mkdir()
+    code = (
+        "from router import Sink, SinkOptions, hookimpl\n"
+        "class One(Sink[SinkOptions]):\n"
+        "    type = 'one'\n"
+        "    async def send(self, batch):\n"
+        "        return None\n"
+        "@hookimpl\n"
+        "def router_sink_types():\n"
+        "    return One\n"
+    )
+    env = installed_plugin(site, "wr_class_not_list", code)
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("./journal", str(tmp_path / "journal")))
+    done = run("check", "--config", str(path), env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "router_sink_types must return a list of Sink classes, not class One" in done.stderr
+    (site / "wr_class_not_list.py").write_text(
+        code.replace("@hookimpl\n", "").replace("return One", "return [One]")
+    )
+    done = run("check", "--config", str(path), env=env)
+    assert done.returncode == 2, done.stderr
+    assert "router_sink_types look like hooks but are not decorated" in done.stderr
+
+
+def test_log_level_is_taken_in_either_case_as_in_yaml(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.yaml")
+    for level in ("debug", "DEBUG", "Warning"):
+        done = run("serve", "--log-level", level, "--config", missing)
+        assert "invalid choice" not in done.stderr, level
+        assert done.returncode == 2 and "cannot read" in done.stderr  # got past the options
+    assert "invalid choice" in run("serve", "--log-level", "loud", "--config", missing).stderr

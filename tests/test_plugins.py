@@ -15,7 +15,7 @@ import pytest
 from router import Message, PermanentError, RetryableError, SendResult, Sink, SinkOptions, hookimpl
 from router.config import Config, load_config
 from router.errors import ConfigError
-from router.testing import Recorder, SinkPlugin, body_for, running_router, write_config
+from router.testing import Recorder, SinkPlugin, body_for, eventually, running_router, write_config
 from tests.conftest import base_config, post, recording_sink
 
 pytestmark = pytest.mark.anyio
@@ -303,6 +303,62 @@ async def test_an_async_observer_is_awaited(make_config: Callable[..., Config]) 
             await post(client, router.webhook_url, body_for(message_id="m-1"))
         ).status_code == 200
         await recorder.wait_for(lambda r: len(r.delivered) == 1 and len(r.received) == 1)
-        # Observers run in registration order, each awaited before the next: by the time the
-        # Recorder (registered after) has seen both events, the coroutines have completed.
-        assert sorted(seen) == [("delivered", "m-1"), ("received", "m-1")]
+        # pluggy calls every implementation (the Recorder's at once), then each coroutine
+        # returned is awaited.
+        await eventually(lambda: sorted(seen) == [("delivered", "m-1"), ("received", "m-1")])
+
+
+async def test_observer_hooks_go_through_pluggy_order_wrappers_and_tracing(
+    make_config: Callable[..., Config],
+) -> None:
+    # tryfirst/trylast and registration order as pluggy defines them, a wrapper=True
+    # implementation around the call, pluggy's tracing sees it; a failing observer in the
+    # middle stops none of the others.
+    calls: list[str] = []
+
+    class First:
+        __name__ = "first"
+
+        @hookimpl(trylast=True)
+        def router_message_received(self, message: Message) -> None:
+            calls.append("last")
+
+    class Failing:
+        __name__ = "failing"
+
+        @hookimpl
+        def router_message_received(self, message: Message) -> None:
+            calls.append("failing")
+            raise RuntimeError("boom")
+
+    class Early:
+        __name__ = "early"
+
+        @hookimpl(tryfirst=True)
+        def router_message_received(self, message: Message) -> None:
+            calls.append("first")
+
+    class Around:
+        __name__ = "around"
+
+        @hookimpl(wrapper=True)
+        def router_message_received(self, message: Message) -> Any:
+            calls.append("wrapper-before")
+            result = yield
+            calls.append("wrapper-after")
+            return result
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(First(), Failing(), Early(), Around(), recorder),
+        default=["archive"],
+    )
+    traced: list[str] = []
+    config.plugin_manager.add_hookcall_monitoring(
+        lambda name, impls, kwargs: traced.append(name), lambda *a: None
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (await post(client, router.webhook_url, body_for(message_id="m-1"))).status_code
+        await recorder.wait_for(lambda r: len(r.received) == 1)
+    assert calls == ["wrapper-before", "first", "failing", "last", "wrapper-after"]
+    assert "router_message_received" in traced
