@@ -342,3 +342,34 @@ def test_sd_notify_ready_once_all_workers_listen_reload_stop_and_watchdog(
     assert served.notify.states() == ["RELOADING=1", "READY=1", "RELOADING=1", "READY=1"]
     assert served.stop() == 0
     assert served.notify.states()[-1] == "STOPPING=1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1), (4, 4), ("auto", len(os.sched_getaffinity(0))), (0, None), ("x", None), (True, None)],
+)
+def test_server_workers_takes_a_count_or_auto_and_names_the_line_otherwise(
+    tmp_path: Path, value: object, expected: int | None
+) -> None:
+    from router.errors import ConfigError
+
+    doc = {
+        "server": {"workers": value},
+        "auth": {"keys": [TEST_KEY]},
+        "default": ["a"],
+        "sinks": {"a": {"type": "file", "path": "out.jsonl"}},
+    }
+    path = write_config(tmp_path, doc)
+    if expected is not None:
+        assert load_config(path).server.workers == expected
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}:2: server.workers: "
+        + (
+            "Input should be greater than or equal to 1"
+            if value == 0
+            else "expected a number of worker processes (1 or more) or auto"
+        )
+    ]
