@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -202,8 +203,17 @@ def _serve(config: Config, log_level: str | None) -> int:
     log = logging.getLogger("router")
     for warning in config.warnings:
         log.warning(warning)
+    from router import supervisor
+
     try:
-        anyio.run(app.serve, config, backend="asyncio", backend_options=_loop_options())
+        worker = supervisor.worker_from_env()
+        if worker is None and config.server.workers > 1:
+            return supervisor.run(config, log_level)
+        anyio.run(
+            functools.partial(app.serve, config, worker=worker),
+            backend="asyncio",
+            backend_options=_loop_options(),
+        )
     except (JournalUnavailable, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -7,6 +7,11 @@ configuration; else switch at once, retiring changed and removed sinks in the ba
 SIGTERM/SIGINT: stop accepting, let requests in flight finish (hypercorn's graceful timeout),
 let deliveries in flight finish (bounded), close sinks, checkpoint and close the journal.
 Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC`` asks for it.
+
+With ``server.workers`` above 1 this runs in each worker process of a supervisor
+(``router.supervisor``), given a ``Worker``: the supervisor has bound the listeners (the worker
+serves the inherited sockets), done the start-up clean-up (the worker opens the journal without
+maintenance and dead-letters nothing at start) and receives the worker's notifications.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.to_thread
@@ -46,8 +52,24 @@ RESTART_ONLY = (
     "server.admin_listen",
     "server.keep_alive_timeout",
     "server.max_header_bytes",
+    "server.workers",
     "journal.path",
 )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What a worker process of a supervisor is (``router.supervisor`` makes one from the
+    environment it starts the worker with)."""
+
+    #: 0 … workers-1; worker 0 also runs the retention sweep (once per service is enough).
+    index: int
+    #: The inherited listening sockets (``fd://N``), for ``server.listen`` and
+    #: ``server.admin_listen``.
+    listen: list[str]
+    admin_listen: list[str] = field(default_factory=list)
+    #: How many of the service's workers are ready, of how many (for ``/readyz``).
+    ready: Callable[[], tuple[int, int]] = lambda: (1, 1)
 
 
 async def serve(
@@ -55,14 +77,16 @@ async def serve(
     *,
     stop: anyio.Event | None = None,
     on_ready: Callable[[list[str], Daemon], None] | None = None,
+    worker: Worker | None = None,
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT, or until ``stop`` is set when one is given (then
     no signal handlers are installed: that is how tests run it in-process, calling
-    ``Daemon.reload`` for what SIGHUP does). ``on_ready`` gets the listening addresses."""
+    ``Daemon.reload`` for what SIGHUP does). ``on_ready`` gets the listening addresses.
+    ``worker``: run as one worker of a supervisor (see the module docstring)."""
     journal = journal_for(config.journal)
-    await journal.open()
+    await journal.open(maintenance=worker is None)
     try:
-        await Daemon(config, journal).run(stop, on_ready)
+        await Daemon(config, journal, worker).run(stop, on_ready)
     finally:
         with anyio.CancelScope(shield=True):
             await journal.close()
@@ -70,8 +94,9 @@ async def serve(
 
 
 class Daemon:
-    def __init__(self, config: Config, journal: Journal) -> None:
+    def __init__(self, config: Config, journal: Journal, worker: Worker | None = None) -> None:
         self.journal = journal
+        self.worker = worker
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(config, journal, self.metrics)
         self.ingress = Ingress(_runtime(config, journal, self.dispatcher, self.metrics))
@@ -87,19 +112,20 @@ class Daemon:
         self, stop: anyio.Event | None, on_ready: Callable[[list[str], Daemon], None] | None
     ) -> None:
         config = self.config
+        worker = self.worker
         await self.dispatcher.register()
-        orphans = await self.journal.dead_letter_orphaned(
-            config.sinks, "sink is no longer configured"
-        )
-        for sink, count in orphans.items():
-            log.warning(kv("dead-letter", sink=sink, count=count, reason="sink not configured"))
-        hc = server.hypercorn_config(config.server)
+        if worker is None:  # a supervisor did this once for all its workers
+            await dead_letter_orphaned(self.journal, config)
+        hc = server.hypercorn_config(config.server, worker.listen if worker else None)
         sockets = _bind(hc, config.server.listen)
         admin = None
         if config.server.admin_listen:
-            admin_hc = server.hypercorn_config(config.server, config.server.admin_listen)
+            admin_listen = worker.admin_listen if worker else config.server.admin_listen
+            admin_hc = server.hypercorn_config(config.server, admin_listen)
             admin = (admin_hc, _bind(admin_hc, config.server.admin_listen))
             self.ingress.admin = False
+        if worker is not None:
+            self.ingress.workers = worker.ready
         listening = server.addresses(sockets)
         dispatched = anyio.Event()
 
@@ -116,14 +142,17 @@ class Daemon:
                 # SIGTERM as soon as it has READY, and their default action kills the process.
                 await tg.start(self._watch_signals, stop)
             tg.start_soon(dispatch)
-            tg.start_soon(self._sweep_periodically)
+            if worker is None or worker.index == 0:
+                tg.start_soon(self._sweep_periodically)
             tg.start_soon(self._watchdog)
             if admin is not None:
                 admin_app = Ingress(self.ingress.runtime, webhook=False)
+                admin_app.workers = self.ingress.workers
                 tg.start_soon(server.serve, _Follow(self.ingress, admin_app), *admin, stop.wait)
             log.info(
                 kv(
                     "listening",
+                    worker=worker.index if worker else None,
                     on=",".join(listening),
                     admin=",".join(server.addresses(admin[1])) if admin else None,
                     path=config.server.path,
@@ -280,6 +309,14 @@ class _Follow:
     async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
         self.app.runtime = self.source.runtime
         await self.app(scope, receive, send)
+
+
+async def dead_letter_orphaned(journal: Journal, config: Config) -> None:
+    """Dead-letter deliveries to sinks neither this configuration nor a live router has (the
+    start-up clean-up, with the orphan bodies ``Journal.open`` removes)."""
+    orphans = await journal.dead_letter_orphaned(config.sinks, "sink is no longer configured")
+    for sink, count in orphans.items():
+        log.warning(kv("dead-letter", sink=sink, count=count, reason="sink not configured"))
 
 
 def _runtime(config: Config, journal: Journal, dispatcher: Dispatcher, metrics: Metrics) -> Runtime:

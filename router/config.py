@@ -81,6 +81,20 @@ def _listen_address(value: Any) -> Any:
     return value
 
 
+#: The most ``server.workers`` may ask for (a typo like 80 for 8 should not fork 80 routers).
+MAX_WORKERS = 256
+
+
+def _workers(value: Any) -> Any:
+    """``auto`` → the CPUs this process may run on (its affinity mask, which is what a
+    container's or systemd's ``CPUAffinity=`` leaves it, not the host's count)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a number of worker processes (1 or more) or auto")
+    return value
+
+
 #: A duration that must be more than zero.
 _Timeout = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
@@ -112,6 +126,9 @@ class ServerConfig(_Strict):
       (bytes, or a share of the space free beyond the reserve), and never take the journal's
       filesystem below this much free space (bytes, or a share of its size); see
       ``router.diskbudget``.
+    - ``workers`` (1): worker processes serving ``listen`` together on one journal, under a
+      supervisor (``router.supervisor``); ``auto``: one per CPU this process may use. 1 is a
+      single process, as before workers existed.
     """
 
     listen: list[Annotated[str, BeforeValidator(_listen_address)]] = Field(
@@ -133,6 +150,7 @@ class ServerConfig(_Strict):
     max_buffered_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024 * 1024
     max_unverified_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.5
     min_free_bytes: Annotated[Limit, BeforeValidator(bytes_or_share)] = 0.05
+    workers: Annotated[int, BeforeValidator(_workers), Field(ge=1, le=MAX_WORKERS)] = 1
 
 
 Scheme = Literal["signature", "key"]

@@ -100,6 +100,9 @@ class Ingress:
         self.in_flight = 0
         self.buffered = 0
         self._shedding = False
+        #: For a worker of a supervisor (``router.supervisor``): how many of the service's
+        #: workers are ready, of how many (``/readyz`` is ready only when all of them are).
+        self.workers: Callable[[], tuple[int, int]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -383,7 +386,15 @@ class Ingress:
         ready = rt.journal.healthy and not disk.failing(
             rt.journal.local_dir, rt.config.server.min_free_bytes
         )
-        body = {"ready": ready, "journal": "ok" if ready else "failing", "sinks": sinks}
+        body: dict[str, object] = {
+            "ready": ready,
+            "journal": "ok" if ready else "failing",
+            "sinks": sinks,
+        }
+        if self.workers is not None:
+            up, of = self.workers()
+            body["workers"] = f"{up}/{of}"
+            body["ready"] = ready = ready and up >= of
         await respond(send, 200 if ready else 503, json.dumps(body).encode(), JSON)
 
 

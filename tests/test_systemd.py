@@ -48,6 +48,9 @@ def test_the_service_is_a_notify_service_that_reloads_with_sighup() -> None:
     assert lines["Type"] == "notify"
     assert lines["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert lines["Restart"] == "on-failure"
+    # server.workers: the supervisor forwards SIGTERM itself; its private runtime folder.
+    assert lines["KillMode"] == "mixed"
+    assert lines["RuntimeDirectory"] == "webhook-router"
     assert "serve --config /etc/webhook-router/config.yaml" in lines["ExecStart"]
     assert lines["LoadCredential"].startswith("webhook-key:")
     for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
