@@ -21,10 +21,12 @@ import logging
 import operator
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
+import anyio.abc
 import anyio.to_thread
 import ijson
 
@@ -42,7 +44,13 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class Spool:
-    """One request body being received."""
+    """One request body being received.
+
+    Inside ``receiving()`` the spool is a two-stage pipeline: each piece is written and parsed
+    in a worker thread while the next one is received (one trip in flight, so it holds at most
+    two pieces), and the upload runs at the socket's speed instead of waiting for each trip.
+    Outside it (tests, a small body) each trip is awaited as it is made. A trip's ``OSError``
+    is raised by the next ``write`` or by ``finish``."""
 
     def __init__(self, directory: Path, threshold: int = SPOOL_THRESHOLD) -> None:
         self.directory = directory
@@ -54,11 +62,35 @@ class Spool:
         self._written = 0  # bytes in the file
         self._parser: StreamParser | None = None
         self._parsed: Parsed | BadMessage | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._trip: _Trip | None = None  # the piece being written and parsed
         self.path: Path | None = None
 
     @property
     def spooled(self) -> bool:
         return self.path is not None
+
+    @property
+    def held(self) -> int:
+        """Body bytes in memory: those not yet written, and the piece being written."""
+        return self._pending + (self._trip.size if self._trip is not None else 0)
+
+    @contextlib.asynccontextmanager
+    async def receiving(self) -> AsyncIterator[None]:
+        """While the body arrives: pieces are written and parsed while the next one is
+        received. On the way out (whatever the reason) the trip in flight is waited for, so
+        that ``discard`` never closes the file under it."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                try:
+                    yield
+                finally:
+                    self._tasks = None
+        except BaseExceptionGroup as group:  # trips never raise: the receiver's own exception
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -68,13 +100,38 @@ class Spool:
             if self.size > self.threshold:
                 await anyio.to_thread.run_sync(self._spill)
         elif self._pending >= WRITE_SIZE:  # one trip to a worker thread per WRITE_SIZE bytes
-            await anyio.to_thread.run_sync(self._flush)
+            await self._landed()  # the previous piece: at most two held
+            data = self._take()
+            if self._tasks is None:
+                await anyio.to_thread.run_sync(self._store, data)
+            else:
+                self._trip = _Trip(len(data))
+                self._tasks.start_soon(self._travel, self._trip, data)
 
-    def _flush(self) -> None:
-        assert self._fd is not None and self._parser is not None
+    async def _travel(self, trip: _Trip, data: bytes) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._store, data)
+        except Exception as e:  # raised by the next write or finish
+            trip.error = e
+        finally:
+            trip.landed.set()
+
+    async def _landed(self) -> None:
+        """Wait for the trip in flight, if any; raise what it raised."""
+        trip, self._trip = self._trip, None
+        if trip is not None:
+            await trip.landed.wait()
+            if trip.error is not None:
+                raise trip.error
+
+    def _take(self) -> bytes:
         data = b"".join(self._chunks)
         self._chunks = []
         self._pending = 0
+        return data
+
+    def _store(self, data: bytes) -> None:
+        assert self._fd is not None and self._parser is not None
         durable.write_all(self._fd, data)
         durable.start_writeback(self._fd, self._written, len(data))
         self._written += len(data)
@@ -86,17 +143,18 @@ class Spool:
         self._fd = durable.create(path)
         self.path = path
         self._parser = StreamParser(path)
-        self._flush()
+        self._store(self._take())
 
     async def finish(self) -> None:
         """The whole body has arrived: a spooled body is then entirely in its file, and
         parsed."""
         if self.path is not None:
-            await anyio.to_thread.run_sync(self._finish)
+            await self._landed()
+            await anyio.to_thread.run_sync(self._finish, self._take())
 
-    def _finish(self) -> None:
+    def _finish(self, data: bytes) -> None:
         assert self._parser is not None
-        self._flush()
+        self._store(data)
         try:
             self._parsed = self._parser.close()
         except BadMessage as e:
@@ -149,6 +207,17 @@ class Spool:
                 pass
             except OSError as e:
                 log.error("could not remove a body not kept (%s): %s", path.name, e.strerror)
+
+
+class _Trip:
+    """One piece on its way to the file and the parser."""
+
+    __slots__ = ("error", "landed", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.landed = anyio.Event()
+        self.error: Exception | None = None
 
 
 # -- streaming parse ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ in-memory parser reads."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import anyio
@@ -267,3 +268,50 @@ def test_the_parser_chained_in_c_makes_ijsons_own_events() -> None:
     reference.close()
     assert ours == theirs
     assert len(ours) == 20
+
+
+async def test_the_next_piece_is_received_while_the_last_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver does not wait for a piece's trip to the file and the parser before taking
+    # the next one; it waits only when a third piece would be held.
+    entered, gate = threading.Event(), threading.Event()
+    real = durable.write_all
+    calls = 0
+
+    def held_back(fd: int, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first piece after the spill: held until the test lets it go
+            entered.set()
+            gate.wait()
+        real(fd, data)
+
+    monkeypatch.setattr(durable, "write_all", held_back)
+    head = b'{"meta": {"type": "t", "messageId": "m"}, "x": "'
+    pieces = [head + b"a" * (200 - len(head)), b"b" * spool.WRITE_SIZE, b"c" * 10]
+    pieces += [b"d" * spool.WRITE_SIZE, b'"}']
+    body = Spool(tmp_path / "bodies", threshold=100)
+    written: list[int] = []
+
+    async def receive() -> None:
+        async with body.receiving():
+            for piece in pieces:
+                await body.write(piece)
+                written.append(body.held)
+            await body.finish()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(receive)
+        try:
+            await anyio.to_thread.run_sync(entered.wait)
+            await anyio.wait_all_tasks_blocked()
+            # The second piece is on its way; the third was taken meanwhile, and the fourth
+            # waits for the second (two pieces held at most).
+            assert written == [0, spool.WRITE_SIZE, spool.WRITE_SIZE + 10]
+        finally:
+            gate.set()
+    assert len(written) == len(pieces)
+    assert body.path is not None and body.path.read_bytes() == b"".join(pieces)
+    assert body.parsed() == parse(b"".join(pieces))
+    await body.discard()
