@@ -20,6 +20,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -283,6 +284,104 @@ def _chained() -> Any:
     return backend if probe == expected else None
 
 
+# -- surrogate escapes --------------------------------------------------------------------------
+#
+# JSON may escape a lone UTF-16 surrogate (``"\ud800"``), which ``json`` decodes as such, and
+# yajl does not: it pairs a high surrogate with whatever escape follows, makes ``?`` of one
+# alone and fails on a low one. So before yajl sees them, the escapes of surrogates (and the
+# marker character itself) are rewritten into text yajl passes through: ``\uXXXX`` becomes the
+# marker followed by ``XXXX``, a literal marker two markers. The strings the router reads
+# (keys at the top and in ``meta``, meta fields, ids, ping) are then decoded back exactly as
+# ``json`` decodes them (``_exact``); the rest of the body is only checked for syntax, which
+# the rewriting does not change (an escape is rewritten only where one is, inside a string).
+# The search is one C-speed scan per piece: a body without such escapes costs no more.
+
+_MARK = "\U0010f7ff"  # a private-use character, as good as any: the scheme is exact
+_MARK_BYTES = _MARK.encode()
+_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # no alternative: a fast search
+_CANDIDATE = re.compile(_ESCAPE.pattern + b"|" + re.escape(_MARK_BYTES))
+_MARKED = re.compile(_MARK + "(?:(" + _MARK + ")|([0-9a-fA-F]{4}))")
+#: The bytes kept back at the end of a piece: an escape cut there is rewritten with the next.
+_TAIL = 5
+
+
+class _Escapes:
+    """Rewrites the surrogate escapes of a stream fed in pieces (see above)."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._odd = False  # the bytes passed on end inside an odd run of backslashes
+
+    def feed(self, data: bytes, final: bool = False) -> bytes:
+        buf = self._carry + data if self._carry else data
+        cut = len(buf)
+        if not final and (b"\\" in buf[-_TAIL:] or b"\xf4" in buf[-_TAIL:]):
+            cut = max(cut - _TAIL, 0)  # an escape or the marker may be cut there
+        escape = _ESCAPE.search(buf)
+        mark = buf.find(_MARK_BYTES)
+        if escape is None and mark < 0:  # the usual case: two scans at C speed, no copy
+            out = buf if cut == len(buf) else buf[:cut]
+        else:
+            start = min(escape.start() if escape else len(buf), mark if mark >= 0 else len(buf))
+            out, cut = self._rewrite(buf, cut, start)
+        self._carry = buf[cut:]
+        if cut and buf[cut - 1] == 0x5C:  # "\\"
+            run = cut - len(buf[:cut].rstrip(b"\\"))
+            self._odd = (run + (self._odd if run == cut else 0)) % 2 == 1
+        elif cut:
+            self._odd = False
+        return out
+
+    def _rewrite(self, buf: bytes, cut: int, start: int) -> tuple[bytes, int]:
+        parts: list[bytes] = []
+        at = 0
+        for m in _CANDIDATE.finditer(buf, start):
+            s = m.start()
+            if s >= cut:
+                break
+            cut = max(cut, m.end())
+            if m[0] == _MARK_BYTES:
+                replacement = _MARK_BYTES * 2
+            else:
+                first = s
+                while first > 0 and buf[first - 1] == 0x5C:
+                    first -= 1
+                run = s - first + 1 + (self._odd if first == 0 else 0)
+                if run % 2 == 0:  # an escaped backslash, then "u": not an escape
+                    continue
+                replacement = _MARK_BYTES + m[0][2:]
+            parts += (buf[at:s], replacement)
+            at = m.end()
+        parts.append(buf[at:cut])
+        return b"".join(parts), cut
+
+
+class _Rewritten:
+    """A file read through ``_Escapes``."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._escapes = _Escapes()
+
+    def read(self, size: int) -> bytes:
+        if size == 0:
+            return b""
+        while True:
+            data = self._f.read(size)
+            out = self._escapes.feed(data, final=not data)
+            if out or not data:
+                return out
+
+
+def _exact(text: str) -> str:
+    """A string yajl read from the rewritten stream, as ``json`` reads the original."""
+    if _MARK not in text:
+        return text
+    text = _MARKED.sub(lambda m: _MARK if m[1] else chr(int(m[2], 16)), text)
+    # json pairs a high surrogate's escape with a low one's that follows at once.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
 class _Ambiguous(Exception):
     """A top-level key makes ijson's prefixes ambiguous: read the body with the exact loop."""
 
@@ -298,6 +397,7 @@ class StreamParser:
         self._events = ijson.sendable_list()
         self._coro = _parse_coro(self._events)
         self._shallow = _Shallow()
+        self._escapes = _Escapes()
         self._head = b""  # the first bytes, until it is known whether they are a BOM
         self._started = False
         self._outcome: BadMessage | _Ambiguous | None = None
@@ -312,7 +412,7 @@ class StreamParser:
             data = self._head.removeprefix(_BOM)
             self._head = b""
             self._started = True
-        view = memoryview(data)
+        view = memoryview(self._escapes.feed(data))
         try:
             for at in range(0, len(view), _BUF_SIZE):
                 self._push(view[at : at + _BUF_SIZE])
@@ -326,6 +426,9 @@ class StreamParser:
             self.feed(self._head.removeprefix(_BOM))
         if self._outcome is None:
             try:
+                rest = self._escapes.feed(b"", final=True)  # the bytes kept back
+                if rest:
+                    self._push(memoryview(rest))
                 self._push(None)
             except (BadMessage, _Ambiguous) as e:
                 self._outcome = e
@@ -371,7 +474,7 @@ def _read(f: IO[bytes], parser: Callable[[Iterator[tuple[str, str, Any]]], Parse
     if f.read(3) != _BOM:
         f.seek(0)
     try:
-        return parser(ijson.parse(f, use_float=True, buf_size=_BUF_SIZE))
+        return parser(ijson.parse(_Rewritten(f), use_float=True, buf_size=_BUF_SIZE))
     except (BadMessage, _Ambiguous):
         raise
     except _NOT_JSON:
@@ -408,6 +511,7 @@ class _Shallow:
                     raise BadMessage("body must be a JSON object")
                 self.root = True
             elif event == "map_key":
+                value = _exact(value)
                 if prefix == "":
                     if not value or "." in value:
                         raise _Ambiguous
@@ -428,16 +532,16 @@ class _Shallow:
                 if event in _CONTAINERS:
                     meta[prefix[5:]] = {}  # not a string: from_meta says so
                 elif event not in ("end_map", "end_array"):
-                    meta[prefix[5:]] = value
+                    meta[prefix[5:]] = _exact(value) if isinstance(value, str) else value
             elif prefix == "ping":
                 if event not in _CONTAINERS and event not in ("end_map", "end_array"):
-                    self.ping = value
+                    self.ping = _exact(value) if isinstance(value, str) else value
             elif (
                 prefix in _PATIENTS
                 and isinstance(value, str)
                 and (prefix == "payload.patientId" or lists[prefix.partition(".")[0]])
             ):
-                ids[_PATIENTS[prefix]].add(value)
+                ids[_PATIENTS[prefix]].add(_exact(value))
 
     def result(self) -> Parsed:
         if "meta" not in self.keys[""]:
@@ -465,6 +569,7 @@ def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
             depth = 1
             continue
         if event == "map_key":
+            value = _exact(value)
             scope = tuple(path[: depth - 1]) if depth <= 2 else None
             if scope in keys:
                 if value in keys[scope]:
@@ -481,11 +586,13 @@ def _parse_events(events: Iterator[tuple[str, str, Any]]) -> Parsed:
             if event != "start_map":
                 raise BadMessage("meta must be a JSON object")
         elif depth == 2 and at[0] == "meta":
+            if isinstance(value, str):
+                value = _exact(value)
             meta[str(at[1])] = {} if container else value  # a container is not a string
         elif at == ("ping",) and not container:
-            ping = value
+            ping = _exact(value) if isinstance(value, str) else value
         elif at in _PATHS and isinstance(value, str):
-            ids[_PATHS[at]].add(value)
+            ids[_PATHS[at]].add(_exact(value))
         if container:
             depth += 1
     if "meta" not in keys[()]:

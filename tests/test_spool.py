@@ -70,6 +70,28 @@ def test_fixtures_parse_the_same_streamed(tmp_path: Path, name: str, body: bytes
     assert streamed == in_memory
 
 
+#: Text holding surrogate escapes, as JSON carries them (its bytes between the quotes).
+SURROGATES = [
+    b"\\ud800",
+    b"\\udc00",
+    b"\\udbff\\udfff",  # a pair: one character
+    b"\\ud800\\ud800",
+    b"\\ud800\\u0041",
+    b"\\ud800A",
+    b"\\udc00\\ud800",
+    b"\\uD83D\\uDE00",
+    b"p\\ud83d\\ude00\\ud83d",
+    b"\\\\ud800",  # a backslash, then "ud800": no escape
+    b"\\\\\\ud800",
+    b"\\\\\\\\ud800",
+    b"\xf4\x8f\x9f\xbf",  # the marker character
+    b"\xf4\x8f\x9f\xbfD800",
+    b"\xf4\x8f\x9f\xbf\\ud800",
+    b"\xf4\x8f\x9f\xbf\xf4\x8f\x9f\xbfD800",
+    b"\\udbff" * 150,  # over the order key's length limit
+]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -108,6 +130,32 @@ def test_fixtures_parse_the_same_streamed(tmp_path: Path, name: str, body: bytes
         b'{"meta": {"type": "t", "messageId": "m"}, "ping": {"ping": "x"}}',
         b'{"meta": {"type": "ping", "messageId": "m"}, "ping": "x"}',
         b'{"meta": {"type": "t", "messageId": "m"}, "patients": [[{"patientId": "p"}]]}',
+        # Lone UTF-16 surrogates (yajl pairs a high one with any escape that follows, makes "?"
+        # of one alone, fails on a low one), their escapes cut anywhere, a backslash before
+        # "u", and the character the streaming parser marks them with.
+        *(
+            b'{"meta": {"type": "t", "messageId": "m"}, "payload": {"patientId": "%s"}}' % s
+            for s in SURROGATES
+        ),
+        *(b'{"meta": {"type": "t", "messageId": "m%s"}}' % s for s in SURROGATES),
+        *(b'{"meta": {"type": "t", "messageId": "m", "when": "%s"}}' % s for s in SURROGATES),
+        *(b'{"meta": {"type": "t", "messageId": "m"}, "x": ["%s"]}' % s for s in SURROGATES),
+        *(b'{"meta": {"type": "t", "messageId": "m"}, "%s": 1}' % s for s in SURROGATES),
+        *(
+            b'{"meta": {"type": "t", "messageId": "m"}, "users": [{"userId": "%s"}]}' % s
+            for s in SURROGATES
+        ),
+        b'{"meta": {"type": "ping", "messageId": "m"}, "ping": "\\udc00"}',
+        b'{"\\ud800": 1, "\\ud801": 2, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"\\ud800": 1, "\\ud800": 2, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"\\ud800\\u0041": 1, "\\ud800A": 2, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"\\ud800\\u0041": 1, "\xf0\x90\x81\x81": 2, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"\\ud83d\\ude00": 1, "\xf0\x9f\x98\x80": 2, "meta": {"type": "t", "messageId": "m"}}',
+        b'{"meta": {"type": "t", "messageId": "m", "\\udc00": 1, "\\udc01": 2}}',
+        b'{"meta": {"type": "t", "messageId": "m", "\\udc00": 1, "\\udc00": 2}}',
+        b'{"meta": {"type": "t", "messageId": "m"}, \\ud800: 1}',
+        b'{"meta": {"type": "t", "messageId": "m"}, "x": \\udc00}',
+        b'{"meta": {"type": "t", "messageId": "m"}, "x": "\\ud8zz"}',
     ],
     ids=lambda b: b[:40].decode(errors="replace"),
 )
@@ -116,16 +164,20 @@ def test_edge_cases_parse_the_same_streamed(tmp_path: Path, body: bytes) -> None
     assert streamed == in_memory
 
 
+#: Text with what JSON text can hold and yajl reads otherwise: lone surrogates (``json.dumps``
+#: escapes them, and pairs astral characters' escapes), the streaming parser's marker
+#: character, backslashes before a "u".
+texts = st.lists(
+    st.text(max_size=4)
+    | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+    | st.sampled_from(["\U0010f7ff", "\U0010f7ffD800", "\\u", "\\", "\U0001f600", "A"]),
+    max_size=4,
+).map("".join)
+keys = st.sampled_from(["a", "", "item", "meta", "type", "patients", "patientId", "userId"]) | texts
+
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.dictionaries(
-            st.sampled_from(["a", "", "item", "meta", "type", "patients", "patientId", "userId"]),
-            children,
-            max_size=3,
-        )
-    ),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | texts,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(keys, children, max_size=3),
     max_leaves=12,
 )
 
@@ -133,26 +185,49 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     piece=st.integers(1, 64),
-    meta=st.dictionaries(
-        st.sampled_from(["type", "messageId", "when", "requestId", "data"]),
-        st.text(max_size=6) | st.integers() | st.none(),
+    meta=st.fixed_dictionaries(
+        {"type": st.just("t") | texts, "messageId": st.just("m") | texts},
+        optional={
+            "when": texts | st.integers(),
+            "requestId": texts | st.none(),
+            "data": json_values,
+        },
+    )
+    | st.dictionaries(
+        st.sampled_from(["type", "messageId", "when", "requestId", "data"]) | texts,
+        texts | st.integers() | st.none(),
         max_size=5,
     ),
     extra=st.dictionaries(
         st.sampled_from(
             ["payload", "patients", "users", "ping", "other", "", "meta.type", "patients.item"]
-        ),
+        )
+        | texts,
         json_values,
         max_size=3,
     ),
+    ids=st.fixed_dictionaries(
+        {},
+        optional={
+            "payload": st.fixed_dictionaries({"patientId": texts}),
+            "patients": st.lists(st.fixed_dictionaries({"patientId": texts}), max_size=3),
+            "users": st.lists(st.fixed_dictionaries({"userId": texts}), max_size=3),
+        },
+    ),
+    ascii_only=st.booleans(),
 )
 def test_any_document_parses_the_same_streamed(
     tmp_path_factory: pytest.TempPathFactory,
     piece: int,
     meta: dict[str, object],
     extra: dict[str, object],
+    ids: dict[str, object],
+    ascii_only: bool,
 ) -> None:
-    body = json.dumps({"meta": meta, **extra}).encode()
+    # Escaped (json.dumps' default), or as UTF-8 where it can be (a lone surrogate cannot: its
+    # bytes are then not UTF-8, and both parsers refuse the body).
+    text = json.dumps({"meta": meta, **ids, **extra}, ensure_ascii=ascii_only)
+    body = text.encode("utf-8", "surrogatepass")
     in_memory, streamed = both(tmp_path_factory.mktemp("doc"), body, piece)
     assert streamed == in_memory
 
