@@ -3,7 +3,8 @@
 A body stays in memory while it is small (``SPOOL_THRESHOLD``); past that, what arrived so far
 and everything after it goes to a file in the journal's ``bodies/`` folder, and is fed at the
 same time to a streaming JSON parser (ijson's push interface, C backend), both in worker
-threads, one trip per ``WRITE_SIZE`` bytes. The signature is computed on the chunks as they pass
+threads, one trip per ``WRITE_SIZE`` bytes, made while the next piece is received. The
+signature is computed on the chunks as they pass
 (see ``router.auth``). So when the last byte arrives only the last piece's write and parse
 remain, then the fsyncs and the commit: the silence a sender sees after its upload does not grow
 with the body (Metriport gives up after 5 s of it). The journal keeps the file's name instead of
