@@ -449,30 +449,31 @@ async def _read_body(
     spool: Spool,
 ) -> None:
     """Receive the body into ``spool``, feeding the signature check as it comes; ``hold`` is
-    told how many bytes it holds in memory (a spooled body holds no more than the threshold),
+    told how many bytes it holds in memory (a spooled body: two pieces at most),
     ``on_disk`` how large the body is about to be (the disk budget). A failed write raises
-    ``NotStored``."""
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            raise Disconnected
-        chunk = event.get("body", b"")
-        if chunk:
-            if spool.size + len(chunk) > limit:
-                raise TooLarge
-            update(chunk)
-            on_disk(spool.size + len(chunk))
-            try:
-                await spool.write(chunk)
-            except OSError as e:
-                raise NotStored(e) from e
-            hold(min(spool.size, spool.threshold))
-        if not event.get("more_body", False):
-            try:
-                await spool.finish()
-            except OSError as e:
-                raise NotStored(e) from e
-            return
+    ``NotStored``. A spooled piece is written and parsed while the next one is received."""
+    async with spool.receiving():
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise Disconnected
+            chunk = event.get("body", b"")
+            if chunk:
+                if spool.size + len(chunk) > limit:
+                    raise TooLarge
+                update(chunk)
+                on_disk(spool.size + len(chunk))
+                try:
+                    await spool.write(chunk)
+                except OSError as e:
+                    raise NotStored(e) from e
+                hold(spool.held)
+            if not event.get("more_body", False):
+                try:
+                    await spool.finish()
+                except OSError as e:
+                    raise NotStored(e) from e
+                return
 
 
 async def respond(

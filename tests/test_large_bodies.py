@@ -18,6 +18,7 @@ from router import durable
 from router.config import Config
 from router.journal.sqlite import SQLiteJournal as Journal
 from router.message import Message
+from router.parse import parse
 from router.spool import SPOOL_THRESHOLD
 from router.testing import Recorder, body_for, eventually, running_router, sign
 from tests import rawhttp
@@ -132,6 +133,39 @@ async def test_a_large_body_not_kept_leaves_no_file(
     assert len(bodies_dir(config)) == 1  # the first message's, and no other
     assert query_journal(config.journal.path, "SELECT count(*) FROM messages") == [(1,)]
     assert recorder.delivered == [("big-3", "archive", 1)]
+
+
+@pytest.mark.parametrize(
+    ("patient", "key"),
+    [
+        ("\udc00p", "?p"),
+        ("p\ud800\ud800", "p??"),
+        ("p\ud800A", "p?A"),
+        ("p\ud83d\ude00", "p\U0001f600"),
+    ],
+)
+async def test_a_large_body_with_lone_surrogates_gets_the_in_memory_order_key(
+    make_config: Callable[..., Config], patient: str, key: str
+) -> None:
+    # json.dumps escapes them: the body holds "\udc00" and the like, which yajl read otherwise
+    # (a low one failed the body as not JSON; a high one took the escape after it along).
+    recorder = Recorder()
+    config = make_config(extra_plugins=(recorder,))
+    body = big_body("big-s").replace(b'"p-big"', json.dumps(patient).encode())
+    elsewhere = big_body("big-m").replace(b'"x', b'"\\udc00x', 1)
+    async with running_router(config) as router, httpx.AsyncClient(timeout=60) as client:
+        assert (await post(client, router.webhook_url, body)).status_code == 200
+        assert (await post(client, router.webhook_url, elsewhere)).status_code == 200
+        bad = body.replace(b'"big-s"', b'"big-\\udc00"', 1)
+        r = await post(client, router.webhook_url, bad)
+        assert r.status_code == 400
+        assert r.json() == {
+            "error": "meta.messageId is not valid Unicode: it holds a lone UTF-16 surrogate"
+        }
+        await recorder.wait_for(lambda r: len(r.delivered) == 2)
+    rows = query_journal(config.journal.path, "SELECT message_id, order_key FROM messages")
+    assert sorted(rows) == [("big-m", "p-big"), ("big-s", key)]
+    assert parse(body).order_key == key
 
 
 async def test_a_body_file_no_message_refers_to_is_removed_at_start(tmp_path: Path) -> None:
