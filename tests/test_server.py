@@ -10,15 +10,24 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from router import server
+from router.config import Config
 from router.metrics import Metrics
-from router.testing import RouterProcess, body_for, listening_socket, wait_until, write_config
-from tests.conftest import TEST_KEY, signed
+from router.testing import (
+    RouterProcess,
+    body_for,
+    listening_socket,
+    running_router,
+    wait_until,
+    write_config,
+)
+from tests.conftest import TEST_KEY, post, signed
 
 #: Descriptors the router may open beyond those it holds when it is ready.
 HEADROOM = 8
@@ -139,3 +148,23 @@ def test_accept_failures_are_logged_at_most_once_per_interval(
     assert (
         registry.get_sample_value("webhook_router_accept_errors_total", {"reason": "memory"}) == 1
     )
+
+
+@pytest.mark.anyio
+async def test_a_unix_socket_listener_accepts_and_stops_at_shutdown(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    path = tmp_path / "router.sock"
+    config = make_config(server={"listen": [f"unix:{path}"], "path": "/webhook"})
+    transport = httpx.AsyncHTTPTransport(uds=str(path))
+    async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+        async with running_router(config) as router:
+            assert router.base_url == f"unix:{path}"
+            for _ in range(3):  # one connection after another, each its own
+                async with httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(uds=str(path))
+                ) as c:
+                    assert (await post(c, "http://router/webhook", body_for())).status_code == 200
+            assert (await client.get("http://router/healthz")).status_code == 200
+        with pytest.raises(httpx.ConnectError):  # the listener closed with the router
+            await client.get("http://router/healthz")
