@@ -294,4 +294,9 @@ class _HypercornAsyncio:
         return Listener(sock, factory, errors)
 
 
+# Hypercorn's worker must still reach asyncio.start_server through its module's ``asyncio``.
+if "start_server" not in worker_serve.__code__.co_names or not hasattr(
+    hypercorn.asyncio.run, "asyncio"
+):
+    raise ImportError("hypercorn's worker_serve no longer calls asyncio.start_server")
 hypercorn.asyncio.run.asyncio = _HypercornAsyncio()  # type: ignore[assignment]
