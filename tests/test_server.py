@@ -4,12 +4,15 @@ the listener serves again as soon as descriptors are free."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import logging
 import os
 import resource
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,6 +64,15 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def held(pid: int) -> list[str]:
+    """What the process's descriptors are (for a failure's message)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(out)
+
+
 def accept_lines(logs: str) -> list[str]:
     return [line for line in logs.splitlines() if " accept-failed " in line]
 
@@ -90,6 +102,13 @@ def test_at_the_fd_limit_connections_wait_are_counted_and_logged_once(
 ) -> None:
     assert router.proc is not None
     pid = router.proc.pid
+    # First what opens descriptors for good on first use (the journal's reader connections,
+    # the sink's file), so that the headroom is left for connections.
+    status, _ = request(router.base_url, "POST", "/webhook", body_for("patient.admit"))
+    assert status == 200
+    sink_file = router.config_path.parent / "out" / "patient.admit.jsonl"
+    wait_until(sink_file.exists, what="the delivery to the file sink")
+    assert request(router.base_url, "GET", "/metrics")[0] == 200
     limit = open_fds(pid) + HEADROOM
     resource.prlimit(
         pid, resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -103,7 +122,12 @@ def test_at_the_fd_limit_connections_wait_are_counted_and_logged_once(
         # for one that waits: all are answered, none was reset, at the same limit.
         for conn in conns:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n")
-        answers = [answer(conn) for conn in conns]
+        try:
+            answers = [answer(conn) for conn in conns]
+        except TimeoutError:
+            pytest.fail(
+                f"a connection got no answer; the router holds {held(pid)}\n{router.logs()}"
+            )
     finally:
         for conn in conns:
             conn.close()
@@ -168,3 +192,20 @@ async def test_a_unix_socket_listener_accepts_and_stops_at_shutdown(
             assert (await client.get("http://router/healthz")).status_code == 200
         with pytest.raises(httpx.ConnectError):  # the listener closed with the router
             await client.get("http://router/healthz")
+
+
+def test_a_log_line_needing_quotes_is_written_at_the_fd_limit() -> None:
+    """Quoting a value (``kv``) takes the ``unicode_escape`` codec, which Python imports on
+    first use: at the descriptor limit that import failed, and the dispatcher's
+    ``journal-read-failed`` line raised instead, which stopped the daemon. A fresh interpreter
+    (so that nothing imported the codec before) at its limit builds such a line."""
+    code = (
+        "import os, resource\n"
+        "from router.logs import kv\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) - 1,"
+        " resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "print(kv('journal-read-failed', error='unable to open database file'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == 'journal-read-failed error="unable to open database file"\n'
