@@ -148,7 +148,8 @@ class Daemon:
             if admin is not None:
                 admin_app = Ingress(self.ingress.runtime, webhook=False)
                 admin_app.workers = self.ingress.workers
-                tg.start_soon(server.serve, _Follow(self.ingress, admin_app), *admin, stop.wait)
+                follow = _Follow(self.ingress, admin_app)
+                tg.start_soon(server.serve, follow, *admin, stop.wait, self.metrics)
             log.info(
                 kv(
                     "listening",
@@ -163,7 +164,7 @@ class Daemon:
             notify("READY=1", f"STATUS=listening on {', '.join(listening)}")
             if on_ready is not None:
                 on_ready(listening, self)
-            await server.serve(self.ingress, hc, sockets, stop.wait)
+            await server.serve(self.ingress, hc, sockets, stop.wait, self.metrics)
             notify("STOPPING=1")
             log.info(kv("stopping"))
             self.dispatcher.stop()

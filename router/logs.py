@@ -10,6 +10,10 @@ line) for journald and terminals, and ``json`` (one JSON object per line with ``
 from __future__ import annotations
 
 import asyncio
+
+# ``_value``'s codec, imported now: on first use Python opens its file, which fails at the file
+# descriptor limit, and the first line with a quoted value would raise instead of being logged.
+import encodings.unicode_escape  # noqa: F401
 import io
 import json
 import logging

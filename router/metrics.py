@@ -140,6 +140,13 @@ class Metrics:
         self.reloads = Counter(
             "webhook_router_reloads", "Configuration reloads, by result.", ["result"], registry=r
         )
+        self.accept_errors = Counter(
+            "webhook_router_accept_errors",
+            "Failed accepts of a connection, by reason (fd_limit: out of file descriptors;"
+            " accepting then pauses and connections wait in the listen backlog).",
+            ["reason"],
+            registry=r,
+        )
         self.swept = Counter(
             "webhook_router_swept_messages",
             "Messages removed by the retention sweep.",
