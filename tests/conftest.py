@@ -17,6 +17,7 @@ import pytest
 
 from router import Message, SendResult, Sink, SinkOptions
 from router.config import Config, load_config
+from router.journal import Journal
 from router.testing import post_signed, signed_headers, write_config
 
 if TYPE_CHECKING:
@@ -139,3 +140,46 @@ def pg_database(pg_server: PostgresPeer) -> Iterator[PgDatabase]:
     yield PgDatabase(pg_server, name, pg_server.uri(name))
     pg_server.start()
     pg_server.drop_database(name)
+
+
+# -- journals ------------------------------------------------------------------------------------
+
+#: The backends the journal's contract suite (tests/test_journal.py) runs on: add "postgres"
+#: here once router/journal/postgres.py holds ``PostgresJournal`` (``JournalStore.journal``
+#: already builds it).
+JOURNAL_BACKENDS = ["sqlite"]
+
+
+class JournalStore:
+    """Where one journal lives (a SQLite folder, a PostgreSQL database). ``journal()`` makes
+    another, unopened journal object on it: two of them are two processes' (or two routers')
+    worth of connections on one store."""
+
+    def __init__(self, backend: str, directory: Path, database: PgDatabase | None) -> None:
+        self.backend = backend
+        self.directory = directory
+        self.database = database
+        self._made = 0
+
+    def journal(self) -> Journal:
+        self._made += 1
+        if self.backend == "sqlite":
+            from router.journal.sqlite import SQLiteJournal
+
+            return SQLiteJournal(self.directory / "journal")
+        assert self.backend == "postgres" and self.database is not None
+        from pydantic import SecretStr
+
+        from router.config import PostgresConfig
+        from router.journal.postgres import PostgresJournal
+
+        config = PostgresConfig(dsn=SecretStr(self.database.uri), pool=4, listen=True)
+        # Each router receives large bodies into a folder of its own.
+        return PostgresJournal(config, spool_dir=self.directory / f"spool-{self._made}")
+
+
+@pytest.fixture(params=JOURNAL_BACKENDS)
+def journal_store(request: pytest.FixtureRequest, tmp_path: Path) -> JournalStore:
+    """An empty journal store on each backend in ``JOURNAL_BACKENDS``."""
+    database = request.getfixturevalue("pg_database") if request.param == "postgres" else None
+    return JournalStore(request.param, tmp_path, database)
