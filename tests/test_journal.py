@@ -279,6 +279,25 @@ async def test_empty_requests_are_answered_without_touching_anything(journal: Jo
     assert (status.messages, status.unrouted, status.duplicates, status.sinks) == (0, 0, 0, {})
 
 
+async def test_opening_without_create_refuses_a_store_with_no_journal(
+    journal_store: JournalStore,
+) -> None:
+    """What the operator commands do: they never create a journal where there is none."""
+    for _ in range(2):  # a refused open leaves nothing behind that a second would accept
+        journal = journal_store.journal()
+        with pytest.raises(JournalUnavailable):
+            await journal.open(maintenance=False, create=False)
+        await journal.close()
+    async with opened(journal_store) as journal:
+        appended = await journal.append(msg("m"), ["s"])
+    journal = journal_store.journal()
+    await journal.open(maintenance=False, create=False)
+    try:
+        assert await seqs(journal, "s") == [appended.seq]
+    finally:
+        await journal.close()
+
+
 # -- due order, outcomes, recovery ---------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from router.errors import JournalUnavailable
 from router.journal import Appended, Claim, Outcome
-from router.journal.sqlite import SQLiteJournal
+from router.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
 from router.message import Message
 from router.testing import body_for
 from tests.conftest import query_journal as query
@@ -71,6 +71,42 @@ async def test_a_journal_that_cannot_write_refuses_and_stores_nothing(tmp_path: 
         await journal._write(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
         assert not (await journal.append(big, ["s", "t"])).duplicate
         assert len(await pending(journal, "t")) == 1
+
+
+async def test_a_journal_with_a_newer_schema_is_refused_and_left_alone(tmp_path: Path) -> None:
+    async with opened(tmp_path) as journal:
+        await journal.append(msg("m-1"), ["s"])
+    with contextlib.closing(sqlite3.connect(tmp_path / "journal.sqlite3")) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    for maintenance in (True, False):
+        journal = SQLiteJournal(tmp_path)
+        with pytest.raises(JournalUnavailable) as info:
+            await journal.open(maintenance=maintenance)
+        assert f"schema {SCHEMA_VERSION + 1}, newer" in str(info.value)
+        assert "upgrade webhook-router" in str(info.value)
+        await journal.close()
+    assert query(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
+    assert query(tmp_path, "SELECT message_id FROM messages") == [("m-1",)]
+
+
+async def test_a_schema_1_journal_is_migrated_to_claims_keeping_its_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Journals written before claims and leases (schema 1) have no lease columns."""
+    async with opened(tmp_path) as journal:
+        kept = await journal.append(msg("kept"), ["s"])
+    with contextlib.closing(sqlite3.connect(tmp_path / "journal.sqlite3")) as conn:
+        conn.execute("DROP INDEX deliveries_leased")
+        for column in ("lease_owner", "lease_until", "token"):
+            conn.execute(f"ALTER TABLE deliveries DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version=1")
+    async with opened(tmp_path) as journal:
+        (held,) = await pending(journal, "s")
+        assert (held.seq, held.attempts) == (kept.seq, 0)
+        assert await journal.record([Outcome(held.seq, "s", "delivered", 1, held.token)]) == 1
+        assert (await journal.append(msg("kept"), ["s"])).duplicate
+    assert query(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert query(tmp_path, "SELECT state, lease_owner FROM deliveries") == [("delivered", None)]
 
 
 async def test_a_file_that_is_not_a_database_is_refused_at_open(tmp_path: Path) -> None:
