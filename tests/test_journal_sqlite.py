@@ -292,3 +292,48 @@ async def test_size_bytes_counts_the_database_its_log_and_every_stored_body(
         shm = (tmp_path / "journal.sqlite3-shm").stat().st_size
         assert await journal.size_bytes() == files_on_disk(tmp_path) - shm
         assert await journal.size_bytes() > 1_000_000
+
+
+async def test_a_sweep_cancelled_at_its_commit_still_removes_the_bodies_it_swept(
+    tmp_path: Path,
+) -> None:
+    """A shutdown cancels the retention sweep wherever it is. Once its delete is committed,
+    the stored bodies of the deleted messages must go too: nothing refers to them any more,
+    and another router on the journal keeps the next start from clearing them."""
+    async with opened(tmp_path) as journal:
+        journal.bodies.mkdir()
+        path = journal.bodies / "big.json"
+        body = body_for("patient.admit", "big")
+        path.write_bytes(body)
+        big = Message(
+            "big", "patient.admit", None, None, 1000.0, body_file=path, body_size=len(body)
+        )
+        await journal.append(big, ["s"])
+        (held,) = await pending(journal, "s")
+        await journal.record([Outcome(held.seq, "s", "delivered", 1, held.token)])
+
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold(conn: object) -> None:
+            entered.set()
+            gate.wait(30)
+
+        writer = journal._writer
+        assert writer is not None
+        sweeping = anyio.CancelScope()
+
+        async def sweep() -> None:
+            with sweeping:
+                await journal.sweep(retention=0, now=FUTURE)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal._write, hold)
+            await anyio.to_thread.run_sync(entered.wait, 30)
+            tg.start_soon(sweep)
+            while writer._jobs.qsize() < 1:  # the sweep's delete is queued behind ``hold``
+                await anyio.sleep(0)
+            sweeping.cancel()  # the shutdown
+            gate.set()
+        await journal._write(lambda conn: None)  # everything queued before is committed
+        assert await journal.messages([held.seq]) == {}
+        assert not path.exists(), "the swept message's body was left behind"
