@@ -302,17 +302,26 @@ async def test_opening_without_create_refuses_a_store_with_no_journal(
 
 
 async def test_claims_take_the_oldest_due_first_up_to_the_limit(journal: Journal) -> None:
-    # Appended out of time order: claims go by due time, not by arrival in the table.
-    late = await journal.append(msg("late", received_at=1030.0), ["s"])
-    early = await journal.append(msg("early", received_at=1010.0), ["s"])
-    middle = await journal.append(msg("middle", received_at=1020.0), ["s"])
-    await journal.append(msg("elsewhere", received_at=1000.0), ["t"])
-
-    first = await claim(journal, "s", limit=2)
-    assert [c.seq for c in first] == sorted([early.seq, middle.seq])
-    assert all(c.attempts == 0 for c in first)
-    assert await seqs(journal, "s") == [late.seq]
+    first = await journal.append(msg("first"), ["s"])
+    second = await journal.append(msg("second", received_at=1001.0), ["s"])
+    third = await journal.append(msg("third", received_at=1002.0), ["s"])
+    await journal.append(msg("elsewhere"), ["t"])
+    held = {c.seq: c for c in await claim(journal, "s")}
+    # Failed, and due again in the order third, first, second: not the order of their rows.
+    # (Delays before the database's now: all due at once, without waiting.)
+    await journal.record(
+        [
+            failed("s", held[third.seq], delay=-30.0),
+            failed("s", held[first.seq], delay=-20.0),
+            failed("s", held[second.seq], delay=-10.0),
+        ]
+    )
+    taken = await claim(journal, "s", limit=2)
+    assert sorted(c.seq for c in taken) == sorted([third.seq, first.seq])
+    assert all(c.attempts == 1 for c in taken)
+    assert await seqs(journal, "s") == [second.seq]
     assert await claim(journal, "s") == []  # all leased now
+    assert len(await claim(journal, "t")) == 1
 
 
 async def test_outcomes_alike_recorded_together_stay_with_their_sink(journal: Journal) -> None:
