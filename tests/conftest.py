@@ -1,21 +1,27 @@
-"""Shared fixtures: the Metriport fixtures, configuration factories, a real router; helpers to
-post signed messages, throwaway sinks and readers of the journal file."""
+"""Shared fixtures: the Metriport fixtures, configuration factories, a real router, a real
+PostgreSQL server; helpers to post signed messages, throwaway sinks and readers of the journal
+file."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from router import Message, SendResult, Sink, SinkOptions
 from router.config import Config, load_config
+from router.journal import Journal
 from router.testing import post_signed, signed_headers, write_config
+
+if TYPE_CHECKING:
+    from tests.pg_peer import PostgresPeer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metriport"
 _VECTORS = json.loads((FIXTURES / "signature-vectors.json").read_text())
@@ -97,3 +103,83 @@ def deliveries(config: Config) -> list[tuple[str, str, str, int, str | None]]:
         "SELECT m.message_id, d.sink, d.state, d.attempts, d.last_error"
         " FROM deliveries d JOIN messages m USING (seq) ORDER BY m.seq, d.sink",
     )
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresPeer]:
+    """One real PostgreSQL server for the whole session (``tests.pg_peer``), started the first
+    time a test asks for it, stopped and deleted at the end."""
+    from tests.pg_peer import PostgresPeer
+
+    peer = PostgresPeer()
+    try:
+        peer.start()
+        yield peer
+    finally:
+        peer.close()
+
+
+@dataclass(frozen=True)
+class PgDatabase:
+    """A database of its own for one test on the session's server."""
+
+    server: PostgresPeer
+    name: str
+    uri: str
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresPeer) -> Iterator[PgDatabase]:
+    """A fresh, empty database for this test (a copy of an empty template), dropped after it.
+    Starts the server again first if a fault test before stopped it."""
+    pg_server.start()
+    name = pg_server.create_database()
+    yield PgDatabase(pg_server, name, pg_server.uri(name))
+    pg_server.start()
+    pg_server.drop_database(name)
+
+
+# -- journals ------------------------------------------------------------------------------------
+
+#: The backends the journal's contract suite (tests/test_journal.py) runs on: add "postgres"
+#: here once router/journal/postgres.py holds ``PostgresJournal`` (``JournalStore.journal``
+#: already builds it).
+JOURNAL_BACKENDS = ["sqlite"]
+
+
+class JournalStore:
+    """Where one journal lives (a SQLite folder, a PostgreSQL database). ``journal()`` makes
+    another, unopened journal object on it: two of them are two processes' (or two routers')
+    worth of connections on one store."""
+
+    def __init__(self, backend: str, directory: Path, database: PgDatabase | None) -> None:
+        self.backend = backend
+        self.directory = directory
+        self.database = database
+        self._made = 0
+
+    def journal(self) -> Journal:
+        self._made += 1
+        if self.backend == "sqlite":
+            from router.journal.sqlite import SQLiteJournal
+
+            return SQLiteJournal(self.directory / "journal")
+        assert self.backend == "postgres" and self.database is not None
+        from pydantic import SecretStr
+
+        from router.config import PostgresConfig
+        from router.journal.postgres import PostgresJournal
+
+        config = PostgresConfig(dsn=SecretStr(self.database.uri), pool=4, listen=True)
+        # Each router receives large bodies into a folder of its own.
+        return PostgresJournal(config, spool_dir=self.directory / f"spool-{self._made}")
+
+
+@pytest.fixture(params=JOURNAL_BACKENDS)
+def journal_store(request: pytest.FixtureRequest, tmp_path: Path) -> JournalStore:
+    """An empty journal store on each backend in ``JOURNAL_BACKENDS``."""
+    database = request.getfixturevalue("pg_database") if request.param == "postgres" else None
+    return JournalStore(request.param, tmp_path, database)

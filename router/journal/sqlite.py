@@ -31,6 +31,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from router import durable
@@ -670,9 +672,13 @@ class SQLiteJournal(Journal):
 
             count: int
             files: list[str]
-            count, files = await self._write(write)
-            # Only after the commit: a crash before it keeps both row and file.
-            await anyio.to_thread.run_sync(self._unlink, files)
+            # Shielded: a queued delete commits even if the sweep is cancelled (a shutdown),
+            # and its files must then go too, or nothing refers to them any more. Only after
+            # the commit: a crash before it keeps both row and file.
+            with anyio.CancelScope(shield=True):
+                count, files = await self._write(write)
+                await anyio.to_thread.run_sync(self._unlink, files)
+            await anyio.lowlevel.checkpoint()  # a cancellation lands between batches
             removed += count
             if count < batch:
                 break
