@@ -142,12 +142,16 @@ def pg_database(pg_server: PostgresPeer) -> Iterator[PgDatabase]:
     pg_server.drop_database(name)
 
 
+@pytest.fixture
+def postgres_uri(pg_database: PgDatabase) -> str:
+    """The URI of a fresh database on the session's real PostgreSQL server."""
+    return pg_database.uri
+
+
 # -- journals ------------------------------------------------------------------------------------
 
-#: The backends the journal's contract suite (tests/test_journal.py) runs on: add "postgres"
-#: here once router/journal/postgres.py holds ``PostgresJournal`` (``JournalStore.journal``
-#: already builds it).
-JOURNAL_BACKENDS = ["sqlite"]
+#: The backends the journal's contract suite (tests/test_journal.py) runs on.
+JOURNAL_BACKENDS = ["sqlite", "postgres"]
 
 
 class JournalStore:

