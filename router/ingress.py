@@ -172,7 +172,9 @@ class Ingress:
         verification = rt.verifier.start(scope["headers"])
         if verification.hopeless:  # no credential, or a wrong key: refused before any is stored
             rt.metrics.verification_failures.inc()
-            return await respond(send, 401)
+            # The body is left unread, so the connection cannot carry another request: say
+            # so, or a keep-alive client sends its next request into a closed connection.
+            return await respond(send, 401, headers=[CLOSE])
         ticket = budget_for(rt.journal.local_dir).ticket()
         try:
             declared = _content_length(scope["headers"])

@@ -595,3 +595,19 @@ async def test_lone_surrogates_in_patient_ids_are_stored_and_in_meta_refused_say
         "streamed": "p?",
         "plain": "p-1",
     }
+
+
+async def test_a_refusal_before_the_body_is_read_closes_the_connection(
+    make_config: Callable[..., Config],
+) -> None:
+    # A request with no credential or a wrong key is refused before its body is read; the
+    # connection then cannot carry another request, and the answer must say so, or a
+    # keep-alive client sends its next request into a closed connection.
+    config = make_config()
+    body = body_for("patient.admit")
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for headers in ({}, {"x-webhook-key": "not-the-key"}):
+            r = await client.post(router.webhook_url, content=body, headers=headers)
+            assert (r.status_code, r.headers.get("connection")) == (401, "close"), headers
+        r = await client.post(router.webhook_url, content=body, headers=signed(body))
+        assert r.status_code == 200
