@@ -52,6 +52,11 @@ def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         "default": ["archive"],
         "sinks": {"archive": {"type": "file", "path": str(tmp_path / "out" / "{type}.jsonl")}},
     }
+    server = overrides.get("server")
+    if isinstance(server, dict) and "listen" not in server:
+        # A test that changes other server settings still gets a free port (the default,
+        # 127.0.0.1:8080, may be taken by anything on the machine).
+        overrides = {**overrides, "server": {"listen": ["127.0.0.1:0"], **server}}
     doc.update(overrides)
     return doc
 
