@@ -203,7 +203,7 @@ def _unavailable(e: BaseException, doing: str) -> JournalUnavailable:
     detail = f"{type(e).__name__}" + (f" (SQLSTATE {state})" if state else "")
     if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
         detail = "the database is read-only"
-    elif isinstance(e, psycopg.OperationalError | psycopg_pool_errors()):
+    elif isinstance(e, (psycopg.OperationalError, *psycopg_pool_errors())):
         detail = "the database cannot be reached"
     return JournalUnavailable(f"journal {doing} failed: {detail}")
 
