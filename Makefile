@@ -37,10 +37,12 @@ test: $(VENV)/.installed-test lint
 ## (docs/reliability.md). Each test prints its figures: acks, kills, losses, duplicates, lag.
 ## Other sizes: make soak SOAK_SIZES="CRASH_KILLS=50 FAULTS_KILLS=48 ..."
 SOAK_SIZES ?= CRASH_KILLS=25 CRASH_ACKS_PER_ROUND=1000 \
-	FAULTS_KILLS=24 FAULTS_ACKS_PER_ROUND=1000 FAULTS_OUTAGE_MESSAGES=1000
+	FAULTS_KILLS=24 FAULTS_ACKS_PER_ROUND=1000 FAULTS_OUTAGE_MESSAGES=1000 \
+	PGFAULTS_KILLS=24 PGFAULTS_ACKS_PER_ROUND=1000 PGFAULTS_POLL_KILLS=6 \
+	PGFAULTS_POLL_ACKS_PER_ROUND=500 PGFAULTS_OUTAGES=5 PGFAULTS_HELD=200 PGFAULTS_DUPLICATES=2000
 soak: $(VENV)/.installed-test
 	$(SOAK_SIZES) $(BIN)/python -m pytest tests/test_crash.py tests/test_faults.py \
-		-q -s --timeout=0
+		tests/test_pg_faults.py -q -s --timeout=0
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q -s --timeout=0
 
 lint: $(VENV)/.installed-test

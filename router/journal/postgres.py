@@ -213,7 +213,7 @@ def _unavailable(e: BaseException, doing: str) -> JournalUnavailable:
     detail = f"{type(e).__name__}" + (f" (SQLSTATE {state})" if state else "")
     if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
         detail = "the database is read-only"
-    elif isinstance(e, psycopg.OperationalError | psycopg_pool_errors()):
+    elif isinstance(e, (psycopg.OperationalError, *psycopg_pool_errors())):
         detail = "the database cannot be reached"
     return JournalUnavailable(f"journal {doing} failed: {detail}")
 
@@ -291,7 +291,9 @@ class PostgresJournal(Journal):
             min_size=1,
             max_size=self.config.pool,
             timeout=self.config.connect_timeout,
-            reconnect_timeout=0,  # keep trying in the background, never give the pool up
+            # A lost connection is replaced in the background, retried (with backoff) for a day
+            # before the pool gives that slot up; requests meanwhile get 503.
+            reconnect_timeout=86400,
             open=False,
             name="webhook-router",
         )
