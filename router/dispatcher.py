@@ -249,9 +249,14 @@ class SinkRunner:
             claims = await self.journal.claim(
                 self.name, self.owner, room - share, ordered=self.cfg.ordered, lease=self.lease
             )
+        due: list[tuple[Claim, Message | None]] = []
         for c in claims:
+            # A lease of ours that ran out before its renewal (a stalled process) comes back
+            # to us: hold it with its new token, but never start a second send of it.
+            again = c.seq in self.held
             self.held[c.seq] = c
-        due: list[tuple[Claim, Message | None]] = [(c, None) for c in claims]
+            if not again:
+                due.append((c, None))
         due += self._take_fresh(room - len(due))
         if due:
             self._start(tg, due)
@@ -341,9 +346,11 @@ class SinkRunner:
         duration = time.monotonic() - start
         outcomes: list[Outcome] = []
         events: list[tuple[str, dict[str, Any]]] = []
-        for due, message in batch:
+        for claimed, message in batch:
+            # Its token now: the claim may have been taken again meanwhile (see _dispatch_due).
+            due = self.held.get(claimed.seq, claimed)
             error = errors.get(message.message_id)
-            attempts = due.attempts + 1
+            attempts = claimed.attempts + 1
             if error is None:
                 outcomes.append(Outcome(due.seq, self.name, "delivered", attempts, due.token))
                 events.append(("delivered", {"message": message, "duration": duration}))

@@ -25,7 +25,13 @@ from router import (
     SinkOptions,
 )
 from router.config import Config
-from router.dispatcher import FRESH_BYTES, FRESH_COUNT, FRESH_ENTRY_BYTES, SinkRunner
+from router.dispatcher import (
+    FRESH_BYTES,
+    FRESH_COUNT,
+    FRESH_ENTRY_BYTES,
+    Dispatcher,
+    SinkRunner,
+)
 from router.journal.sqlite import SQLiteJournal as Journal
 from router.metrics import Metrics
 from router.testing import (
@@ -595,3 +601,52 @@ async def test_a_send_longer_than_the_lease_keeps_its_claim(
         await recorder.wait_for(lambda r: r.delivered_to("s") == ["long-1"])
     assert sent == ["long-1"]
     assert deliveries(config) == [("long-1", "s", "delivered", 1, None)]
+
+
+async def test_a_lease_of_ours_that_ran_out_is_not_sent_a_second_time(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stalled process misses its renewals: its lease on a delivery it is still sending runs
+    # out, and its own runner (with a free slot) claims that delivery again from the journal.
+    # It must keep holding it (with the new token) without starting a second send.
+    started, finish = anyio.Event(), anyio.Event()
+    sends: list[str] = []
+
+    class Hanging(Sink[SinkOptions]):
+        type = "hang"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            sends.extend(m.message_id for m in batch)
+            started.set()
+            await finish.wait()
+            return None
+
+    async def no_renewal(self: Dispatcher) -> None:
+        return None
+
+    monkeypatch.setattr(Dispatcher, "renew", no_renewal)
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Hanging), recorder),
+        sinks={"h": {"type": "hang", "timeout": "60s", "concurrency": 2}},
+        default=["h"],
+        journal={"path": str(Path(make_config().journal.path)), "lease": "3s"},
+    )
+    other = Journal(config.journal.path)
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (await post(client, router.webhook_url, body_for(message_id="once-1"))).status_code
+        await started.wait()
+        await other.open(maintenance=False)
+        try:
+            # Until the journal shows the lease taken again (token 2) by the router itself.
+            with anyio.fail_after(20):
+                while not (await other.status()).sinks["h"].leased:
+                    await anyio.sleep(0.1)
+                while router.daemon.dispatcher.runners["h"].held[1].token < 2:
+                    await anyio.sleep(0.1)
+        finally:
+            await other.close()
+        finish.set()
+        await recorder.wait_for(lambda r: r.delivered_to("h") == ["once-1"])
+    assert sends == ["once-1"]
+    assert deliveries(config) == [("once-1", "h", "delivered", 1, None)]
