@@ -193,6 +193,24 @@ _HOLDERS = """SELECT DISTINCT sink, lease_owner FROM wr_deliveries
 _BLOCKED = f"""SELECT count(*) FROM wr_deliveries d
     WHERE d.sink = %(sink)s AND d.state = 'pending' AND d.attempts > 0 AND {_HEAD}"""  # noqa: S608
 
+_APPEND = f"""WITH m AS (
+        INSERT INTO wr_messages (message_id, type, "when", request_id, received_at, body,
+            body_id, body_size, routed, order_key)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (message_id) DO UPDATE
+            SET duplicates = wr_messages.duplicates + 1, last_duplicate_at = excluded.received_at
+        RETURNING seq, duplicates, received_at, order_key),
+    d AS (
+        INSERT INTO wr_deliveries (seq, sink, order_key, state, next_attempt_at, updated_at,
+            lease_owner, lease_until, token)
+        SELECT m.seq, t.sink, m.order_key, 'pending', m.received_at, m.received_at,
+            CASE WHEN t.mine THEN %s END,
+            CASE WHEN t.mine THEN {NOW} + %s END,
+            CASE WHEN t.mine THEN {FIRST_TOKEN} ELSE 0 END
+        FROM m, unnest(%s::text[], %s::bool[]) AS t(sink, mine)
+        WHERE m.duplicates = 0)
+    SELECT seq, duplicates FROM m"""  # noqa: S608
+
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Job = Callable[[Conn], Awaitable[Any]]
 
@@ -636,36 +654,18 @@ class PostgresJournal(Journal):
             message.order_key,
         )
 
+        names = list(sinks)
+        mine = [name in claimed for name in names]
+
         async def write(conn: Conn) -> Appended:
-            cur = await conn.execute(
-                """INSERT INTO wr_messages (message_id, type, "when", request_id, received_at,
-                       body, body_id, body_size, routed, order_key)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (message_id) DO UPDATE
-                       SET duplicates = wr_messages.duplicates + 1,
-                           last_duplicate_at = excluded.received_at
-                   RETURNING seq, duplicates""",
-                row,
-            )
+            # One statement, one round trip: the message, and its deliveries unless it is a
+            # duplicate (those claimed for this router leased from the database's clock).
+            cur = await conn.execute(_APPEND, (*row, owner, lease, names, mine))
             found = await cur.fetchone()
             assert found is not None
             seq, duplicates = found
             if duplicates:
                 return Appended(seq, duplicate=True)
-            at = message.received_at
-            now = await _now(conn)
-            async with conn.cursor() as c:
-                await c.executemany(
-                    "INSERT INTO wr_deliveries (seq, sink, order_key, state, next_attempt_at,"
-                    " updated_at, lease_owner, lease_until, token)"
-                    " VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s, %s)",
-                    [
-                        (seq, sink, message.order_key, at, at, owner, now + lease, FIRST_TOKEN)
-                        if sink in claimed
-                        else (seq, sink, message.order_key, at, at, None, None, 0)
-                        for sink in sinks
-                    ],
-                )
             return Appended(seq, duplicate=False, claimed=claimed)
 
         others = [s for s in sinks if s not in claimed]
