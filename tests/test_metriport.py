@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import anyio.to_thread
 import httpx
 import pytest
 
+from router.__main__ import main
 from router.config import Config, load_config
 from router.errors import ConfigError
+from router.journal.sqlite import SQLiteJournal
 from router.testing import Recorder, body_for, running_router, write_config
 from tests.conftest import FIXTURES, TEST_KEY, base_config, fixture_vectors
 from tests.metriport_peer import FakeMetriport, Scripted, reordered
@@ -273,3 +276,111 @@ async def test_requests_processing_are_followed_before_any_call(
         await router.daemon.resender.wait_checks(1)
     assert fake.retry_calls == 1 and fake.overlaps == 0
     assert sorted(recorder.delivered_to("archive")) == sorted(ids(down))
+
+
+# -- operator commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
+    """``webhook-router ARGS`` in this process (the tests' fake Metriport runs in threads)."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> Ran:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in (env or {}).items():
+                mp.setenv(name, value)
+            code = main(list(args))
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run
+
+
+def cli_config(tmp_path: Path, url: str) -> Path:
+    """A configuration whose keys are all in the environment, and a journal that exists."""
+    doc = base_config(tmp_path, metriport={"api_key": {"env": "WR_TEST_MP_KEY"}, "base_url": url})
+    doc["auth"]["keys"] = [{"env": "WR_TEST_WEBHOOK_UNSET"}]
+    path = write_config(tmp_path, doc)
+
+    async def create() -> None:
+        journal = SQLiteJournal(tmp_path / "journal")
+        await journal.open()
+        await journal.close()
+
+    anyio.run(create)
+    return path
+
+
+def test_status_shows_the_four_fields_and_the_last_retry(
+    tmp_path: Path, run: Callable[..., Ran]
+) -> None:
+    with FakeMetriport(API_KEY, TEST_KEY) as fake:
+        path = cli_config(tmp_path, fake.url)
+        for _ in range(2):
+            fake.send(body_for("patient.admit"))
+        env = {"WR_TEST_MP_KEY": API_KEY}
+        before = run("metriport", "status", "--config", str(path), env=env)
+        assert before.returncode == 0, before.stderr
+        assert "requests failed:      2" in before.stdout
+        assert "requests processing:  0" in before.stdout
+        assert "webhook enabled:      yes" in before.stdout
+        assert "last asked to resend: never" in before.stdout
+
+        asked = run("metriport", "retry", "--config", str(path), env=env)
+        assert asked.returncode == 0, asked.stderr
+        assert "asked Metriport to resend 2 failed deliveries" in asked.stdout
+        after = run("metriport", "status", "--json", "--config", str(path), env=env)
+    st = json.loads(after.stdout)
+    assert st["last_retry"]["reason"] == "operator" and st["last_retry"]["failed"] == 2
+    assert set(st["settings"]) == {"enabled", "status_detail", "processing", "failed"}
+    assert fake.retry_calls == 1
+    assert API_KEY not in before.stdout + before.stderr + asked.stdout + after.stdout
+
+
+def test_retry_refuses_while_processing_unless_forced(
+    tmp_path: Path, run: Callable[..., Ran]
+) -> None:
+    with FakeMetriport(API_KEY, TEST_KEY) as fake:
+        path = cli_config(tmp_path, fake.url)
+        fake.send(body_for("patient.admit"))
+        fake.send(body_for("patient.admit"))
+        fake.hold_resend = True
+        env = {"WR_TEST_MP_KEY": API_KEY}
+        assert run("metriport", "retry", "--config", str(path), env=env).returncode == 0
+        refused = run("metriport", "retry", "--config", str(path), env=env)
+        assert refused.returncode == 1
+        assert "Metriport is still resending (2 request(s) processing)" in refused.stderr
+        assert "--force" in refused.stderr
+        assert fake.retry_calls == 1
+        forced = run("metriport", "retry", "--force", "--config", str(path), env=env)
+        assert forced.returncode == 0, forced.stderr
+        assert fake.retry_calls == 2 and fake.overlaps == 1  # what --force risks
+
+
+def test_wrong_key_and_missing_section_are_clear_errors(
+    tmp_path: Path, run: Callable[..., Ran]
+) -> None:
+    with FakeMetriport(API_KEY, TEST_KEY) as fake:
+        path = cli_config(tmp_path, fake.url)
+        for verb in ("status", "retry"):
+            r = run("metriport", verb, "--config", str(path), env={"WR_TEST_MP_KEY": "wrong"})
+            assert (r.returncode, r.stdout) == (1, "")
+            assert (
+                r.stderr == "error: Metriport refused the API key (401): check metriport.api_key\n"
+            )
+        missing = run("metriport", "status", "--config", str(path))
+        assert missing.returncode == 2
+        assert "metriport.api_key: environment variable WR_TEST_MP_KEY is not set" in missing.stderr
+        # The other operator commands read no secret: they work without the key.
+        assert run("status", "--config", str(path)).returncode == 0
+    doc = base_config(tmp_path)
+    r = run("metriport", "status", "--config", str(write_config(tmp_path, doc, "plain.yaml")))
+    assert r.returncode == 2
+    assert "has no metriport: section" in r.stderr
