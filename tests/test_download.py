@@ -20,6 +20,7 @@ from plugins.download import LINK_PATHS, add_link_paths, deadline_of, links_in
 from router.config import Config, load_config
 from router.testing import Recorder, body_for, running_router, write_config
 from tests.conftest import base_config, deliveries, fixture_vectors, post
+from tests.metriport_peer import reordered
 from tests.s3_peer import FakeS3, pattern_sha256, rewrite
 
 pytestmark = pytest.mark.anyio
@@ -255,3 +256,23 @@ async def test_a_large_file_is_streamed_with_bounded_memory(tmp_path: Path, s3: 
     assert peak < 12 * 1024 * 1024, (
         f"peak {peak / 2**20:.1f} MiB for a {LARGE / 2**20:.0f} MiB file"
     )
+
+
+async def test_samples_resent_by_metriport_carry_expired_links(tmp_path: Path) -> None:
+    """Metriport's retry resends a message with its original links, long expired: the sink
+    records them as expired without asking S3, and dead-letters the message with that reason;
+    messages without links are delivered."""
+    recorder = Recorder()
+    config = docs_config(tmp_path, recorder)
+    bodies = [reordered(body) for name, body, _ in fixture_vectors() if name != "ping.json"]
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for body in bodies:
+            assert (await post(client, router.webhook_url, body)).status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) + len(r.dead) == len(bodies))
+    dead = {mid for mid, _, _ in recorder.dead}
+    assert dead == {message_id(b) for b in bodies if b"X-Amz-Date" in b}
+    assert len(dead) == 2  # consolidated data, admit
+    for _, _, state, _, error in deliveries(config):
+        if state == "dead":
+            assert error.startswith("PermanentError: expired:") and "X-Amz" not in error
+    assert {line["outcome"] for line in manifest(tmp_path)} == {"expired"}

@@ -172,6 +172,21 @@ async def test_router_down_then_back_every_failed_message_arrives_once(
     )
 
 
+async def test_a_periodic_check_catches_failures_of_other_causes(
+    tmp_path: Path, fake: FakeMetriport, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    config = config_for(tmp_path, fake, recorder, when=[], every="200ms")
+    late = body_for("patient.admit")
+    async with running_router(config) as router:
+        fake.target = router.webhook_url
+        fake.fail_later(late)  # Metriport's timeout passed, say: no refusal, no restart
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+        await anyio.to_thread.run_sync(lambda: fake.wait_for(lambda f: f.processing == 0))
+    assert fake.retry_calls == 1
+    assert "metriport-retry-requested failed=1 reason=periodic" in caplog.text
+
+
 async def test_two_routers_on_one_journal_make_one_retry_call(
     tmp_path: Path, fake: FakeMetriport
 ) -> None:
