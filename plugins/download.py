@@ -100,6 +100,7 @@ _PLACEHOLDER = re.compile(r"\{(type|date|messageId|patientId|name)\}")
 _CHUNK = 64 * 1024
 _WRITE_SIZE = 1024 * 1024
 _EXPIRED = b"Request has expired"
+_BIG = 1024 * 1024
 
 
 def add_link_paths(type_glob: str, *paths: str) -> None:
@@ -264,11 +265,17 @@ class DownloadSink(Sink[DownloadOptions]):
         paths = self.paths_for(message.type)
         if not paths:
             return
+
+        def read() -> list[Link]:
+            return links_in(json.loads(b"".join(message.body_chunks())), paths)
+
         try:
-            doc = json.loads(b"".join(message.body_chunks()))
+            # A large body (an old inline bundle, stored in a file) is read and parsed in a
+            # worker thread, so the event loop keeps serving requests meanwhile.
+            found = await anyio.to_thread.run_sync(read) if message.body_size > _BIG else read()
         except ValueError:
             raise PermanentError("body is not JSON") from None
-        links = sorted(links_in(doc, paths), key=lambda k: (k.deadline is None, k.deadline or 0))
+        links = sorted(found, key=lambda k: (k.deadline is None, k.deadline or 0))
         if not links:
             return
         names: dict[str, int] = {}

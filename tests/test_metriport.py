@@ -399,3 +399,17 @@ def test_wrong_key_and_missing_section_are_clear_errors(
     r = run("metriport", "status", "--config", str(write_config(tmp_path, doc, "plain.yaml")))
     assert r.returncode == 2
     assert "has no metriport: section" in r.stderr
+
+
+def test_check_describes_the_section_without_the_key(
+    tmp_path: Path, run: Callable[..., Ran]
+) -> None:
+    path = cli_config(tmp_path, "https://api.sandbox.metriport.com")
+    env = {"WR_TEST_MP_KEY": API_KEY, "WR_TEST_WEBHOOK_UNSET": TEST_KEY}
+    r = run("check", "--config", str(path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "metriport: https://api.sandbox.metriport.com, asks to resend failed deliveries on"
+        " recovered and start and every 900s (follows processing every 15s)"
+    ) in r.stdout
+    assert API_KEY not in r.stdout + r.stderr
