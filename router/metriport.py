@@ -15,6 +15,7 @@ first, and has no lock: two overlapping calls can send a message twice. So the r
 - holds the journal's lock ``metriport.retry`` (renewed while following) for the whole check,
   so several routers on one journal never overlap: a router that finds the lock taken leaves
   the check to its holder;
+- starts checks at least ``poll`` apart (refusals can come in a stream, under overload);
 - backs off on errors, 429 (``Retry-After`` honoured) and no answer, doubling from
   ``backoff.initial`` to ``backoff.max``; a refused API key (401/403) waits ``backoff.max``
   at once (the key will not fix itself);
@@ -254,6 +255,7 @@ class Resender:
         seen = self._refusals
         next_periodic = time.monotonic() + (settings.every or math.inf if settings else math.inf)
         failures = 0
+        last_check = -math.inf
         try:
             while True:
                 settings = self._settings()
@@ -266,6 +268,8 @@ class Resender:
                     seen = self._refusals
                     if "recovered" in settings.when and reason is None:
                         reason = "recovered"
+                if settings.every is not None and next_periodic == math.inf:
+                    next_periodic = time.monotonic() + settings.every  # enabled by a reload
                 if reason is None:
                     left = next_periodic - time.monotonic()
                     if settings.every is None:
@@ -276,6 +280,10 @@ class Resender:
                         continue
                     reason = "periodic"
                 await self._until_ready()
+                # Refusals can come in a stream (an overload): checks are at least ``poll``
+                # apart, so they cost Metriport's gateway a bounded number of calls.
+                await anyio.sleep(max(0.0, last_check + settings.poll - time.monotonic()))
+                last_check = time.monotonic()
                 try:
                     await self.check(reason, settings)
                 except MetriportError as e:
