@@ -447,9 +447,14 @@ async def operator_retry(
     try:
         found = await api.settings()
         if found.processing != 0 and not force:
+            count = (
+                f"{found.processing} request(s) processing"
+                if found.processing > 0
+                else "it could not count the requests processing"
+            )
             raise RetryRefused(
-                f"Metriport is still resending ({found.processing} request(s) processing): wait"
-                " until it reports none, or pass --force (a message may then be sent twice)"
+                f"Metriport is still resending ({count}): wait until it reports none, or pass"
+                " --force (a message may then be sent twice)"
             )
         if found.failed == 0 and not force:
             return found

@@ -12,7 +12,8 @@ does (``packages/api/src/routes/settings.ts``, ``command/webhook/retry-failed.ts
 - ``script(status, ...)`` makes the next API calls fail with those statuses (500, 429 …).
 - It counts calls, and records a retry call made while another is still resending
   (``overlaps``): tests assert there is none.
-- ``hold_resend`` keeps a resend from finishing until ``release()`` (requests stay processing).
+- ``hold_resend`` keeps a resend from finishing until ``release()`` (requests stay processing);
+  ``hold_gets`` holds ``GET /settings/webhook`` answers until that event is set.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class FakeMetriport:
         self.enabled = True
         self.hold_resend = False
         self._released = threading.Event()
+        #: When set to an unset event, GETs wait for it (``gets_waiting`` counts them).
+        self.hold_gets: threading.Event | None = None
+        self.gets_waiting = 0
         self._scripted: deque[Scripted] = deque()
         self._cond = threading.Condition()
         self._resending = False
@@ -159,6 +163,8 @@ class FakeMetriport:
     def release(self) -> None:
         self.hold_resend = False
         self._released.set()
+        if self.hold_gets is not None:
+            self.hold_gets.set()
 
     def wait_for(self, predicate: Callable[[FakeMetriport], bool], timeout: float = 30.0) -> None:
         with self._cond:
@@ -188,6 +194,12 @@ class FakeMetriport:
             self._answer(h, scripted.status, {"message": "scripted"}, route, scripted.headers)
             return
         if h.command == "GET":
+            hold = self.hold_gets
+            if hold is not None:
+                with self._cond:
+                    self.gets_waiting += 1
+                    self._cond.notify_all()
+                hold.wait(60)
             with self._cond:
                 body = {
                     "webhookEnabled": self.enabled,

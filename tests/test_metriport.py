@@ -4,6 +4,7 @@ Metriport (``tests.metriport_peer``): a real HTTP server with its API and its se
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from router.__main__ import main
 from router.config import Config, load_config
 from router.errors import ConfigError
 from router.journal.sqlite import SQLiteJournal
+from router.metrics import Metrics
+from router.metriport import Resender
 from router.testing import Recorder, body_for, running_router, write_config
 from tests.conftest import FIXTURES, TEST_KEY, base_config, fixture_vectors
 from tests.metriport_peer import FakeMetriport, Scripted, reordered
@@ -204,6 +207,38 @@ async def test_two_routers_on_one_journal_make_one_retry_call(
         await b.daemon.resender.wait_checks(1)
     assert fake.retry_calls == 1 and fake.overlaps == 0
     assert sorted(ids(fake.sent_ok)) == sorted(ids(down))
+
+
+async def test_the_journal_lock_keeps_a_second_router_out_of_a_check(
+    tmp_path: Path, fake: FakeMetriport
+) -> None:
+    """Two routers' checks at the same moment: while the first holds the lock (its GET is
+    held unanswered here), the second leaves at once instead of asking too, so the two can
+    never both see failed > 0 and both call the retry."""
+    fake.fail_later(body_for("patient.admit"))
+    config = config_for(tmp_path, fake, Recorder())
+    assert config.metriport is not None and config.metriport.retry_failed is not None
+    settings = config.metriport.retry_failed
+    journals = [SQLiteJournal(config.journal.path) for _ in range(2)]  # two routers' views
+    for journal in journals:
+        await journal.open()
+    first, second = (
+        Resender(lambda: config, j, Metrics(), f"router-{i}", lambda: True)
+        for i, j in enumerate(journals)
+    )
+    fake.hold_gets = threading.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.check, "start", settings)
+            await anyio.to_thread.run_sync(lambda: fake.wait_for(lambda f: f.gets_waiting == 1))
+            with anyio.fail_after(10):  # without the lock it would wait for its own GET
+                await second.check("start", settings)
+            assert fake.gets_waiting == 1  # the second asked nothing
+            fake.hold_gets.set()
+    finally:
+        for journal in journals:
+            await journal.close()
+    assert fake.retry_calls == 1 and fake.overlaps == 0
 
 
 async def test_a_refusal_then_recovery_asks_for_a_resend(
