@@ -116,8 +116,13 @@ class FileRetry(BaseModel):
 
 
 class DownloadOptions(SinkOptions):
-    path: ConfigPath = Path("var/documents/{patientId}/{messageId}/{name}")
-    manifest: ConfigPath = Path("var/documents/manifest.jsonl")
+    # Defaults validated too: relative to the configuration file's folder, like any path.
+    path: ConfigPath = Field(
+        default=Path("var/documents/{patientId}/{messageId}/{name}"), validate_default=True
+    )
+    manifest: ConfigPath = Field(
+        default=Path("var/documents/manifest.jsonl"), validate_default=True
+    )
     downloads: Annotated[int, Field(ge=1, le=64)] = 4
     attempt_timeout: Annotated[Duration, Field(gt=0)] = 60.0
     retry: FileRetry = FileRetry()

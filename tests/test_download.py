@@ -276,3 +276,12 @@ async def test_samples_resent_by_metriport_carry_expired_links(tmp_path: Path) -
         if state == "dead":
             assert error.startswith("PermanentError: expired:") and "X-Amz" not in error
     assert {line["outcome"] for line in manifest(tmp_path)} == {"expired"}
+
+
+def test_default_paths_are_relative_to_the_configuration_file(tmp_path: Path) -> None:
+    doc = base_config(tmp_path, sinks={"docs": {"type": "download"}}, default=["docs"])
+    config = load_config(write_config(tmp_path, doc))
+    sink = config.sinks["docs"].build(config.base_dir)
+    assert sink.options.path == tmp_path / "var/documents/{patientId}/{messageId}/{name}"
+    assert sink.options.manifest == tmp_path / "var/documents/manifest.jsonl"
+    assert sink.describe().startswith(f"download {tmp_path}/var/documents/")
