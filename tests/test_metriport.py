@@ -4,6 +4,7 @@ Metriport (``tests.metriport_peer``): a real HTTP server with its API and its se
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -54,9 +55,17 @@ def fake() -> Iterator[FakeMetriport]:
 def config_for(
     tmp_path: Path, fake: FakeMetriport, recorder: Recorder, name: str = "config.yaml", **retry: Any
 ) -> Config:
+    """A router whose address is known before it starts, and given to the fake Metriport
+    then: a resend may begin as soon as the router is up."""
     key = retry.pop("key", API_KEY)
-    doc = base_config(tmp_path, metriport=metriport(fake.url, key, **retry))
-    return load_config(write_config(tmp_path, doc, name), extra_plugins=[recorder])
+    with socket.socket() as probe:  # a free port (the router binds it a moment later)
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    server = {"listen": [address], "path": "/webhook"}
+    doc = base_config(tmp_path, server=server, metriport=metriport(fake.url, key, **retry))
+    config = load_config(write_config(tmp_path, doc, name), extra_plugins=[recorder])
+    fake.target = f"http://{address}/webhook"
+    return config
 
 
 def sample_bodies() -> list[bytes]:
@@ -144,7 +153,6 @@ async def test_router_down_then_back_every_failed_message_arrives_once(
     # Up first: a message delivered, which Metriport nevertheless counts as failed (it
     # answered after Metriport's timeout, say): resent, and deduplicated by the router.
     async with running_router(config) as router:
-        fake.target = router.webhook_url
         await send_all(fake, [early])
         await recorder.wait_for(lambda r: len(r.delivered) == 1)
     fake.fail_later(early)
@@ -155,7 +163,6 @@ async def test_router_down_then_back_every_failed_message_arrives_once(
     recorder = Recorder()
     config = config_for(tmp_path, fake, recorder)
     async with running_router(config) as router:
-        fake.target = router.webhook_url
         await recorder.wait_for(lambda r: len(r.delivered) == len(down), within=60)
         await anyio.to_thread.run_sync(
             lambda: fake.wait_for(lambda f: f.processing == 0 and not f.failed)
@@ -181,8 +188,7 @@ async def test_a_periodic_check_catches_failures_of_other_causes(
     recorder = Recorder()
     config = config_for(tmp_path, fake, recorder, when=[], every="200ms")
     late = body_for("patient.admit")
-    async with running_router(config) as router:
-        fake.target = router.webhook_url
+    async with running_router(config):
         fake.fail_later(late)  # Metriport's timeout passed, say: no refusal, no restart
         await recorder.wait_for(lambda r: len(r.delivered) == 1)
         await anyio.to_thread.run_sync(lambda: fake.wait_for(lambda f: f.processing == 0))
@@ -198,8 +204,8 @@ async def test_two_routers_on_one_journal_make_one_retry_call(
     first, second = Recorder(), Recorder()
     config_a = config_for(tmp_path, fake, first, "a.yaml")
     config_b = config_for(tmp_path, fake, second, "b.yaml")
+    fake.target = f"http://{config_a.server.listen[0]}/webhook"  # A is up first
     async with running_router(config_a) as a, running_router(config_b) as b:
-        fake.target = a.webhook_url
         await anyio.to_thread.run_sync(
             lambda: fake.wait_for(lambda f: len(f.sent_ok) == len(down) and f.processing == 0)
         )
@@ -293,7 +299,6 @@ async def test_errors_and_429_back_off(tmp_path: Path, fake: FakeMetriport) -> N
     fake.fail_later(body_for("patient.admit"))
     fake.script(500, 503, Scripted(429, {"retry-after": "0.5"}))
     async with running_router(config) as router:
-        fake.target = router.webhook_url
         await anyio.to_thread.run_sync(lambda: fake.wait_for(lambda f: f.retry_calls == 1))
         await anyio.to_thread.run_sync(lambda: fake.wait_for(lambda f: f.processing == 0))
         resender = router.daemon.resender
@@ -318,7 +323,6 @@ async def test_requests_processing_are_followed_before_any_call(
     recorder = Recorder()
     config = config_for(tmp_path, fake, recorder)
     async with running_router(config) as router:
-        fake.target = router.webhook_url
         await anyio.to_thread.run_sync(
             lambda: fake.wait_for(lambda f: len(f.calls("GET")) >= 2)  # following
         )
