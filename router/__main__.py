@@ -71,6 +71,27 @@ def _parser() -> argparse.ArgumentParser:
     _add_filters(replay, ids=False)
     replay.add_argument("--dry-run", action="store_true", help="count, change nothing")
 
+    metriport = commands.add_parser(
+        "metriport", help="Metriport's failed deliveries: show them, ask it to resend them"
+    )
+    metriport_verbs = metriport.add_subparsers(
+        dest="metriport_command", required=True, metavar="ACTION"
+    )
+    for verb, text in (
+        ("status", "what Metriport reports (processing, failed) and when the router last asked"),
+        ("retry", "ask Metriport to resend every failed delivery (once: it has no lock)"),
+    ):
+        sub = metriport_verbs.add_parser(verb, help=text, description=text)
+        sub.add_argument("--config", "-c", help=config_help)
+        if verb == "status":
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument(
+                "--force",
+                action="store_true",
+                help="call even while Metriport still resends or a router is asking",
+            )
+
     explain = with_config("explain", "which routes and sinks a message would reach")
     explain.add_argument("file", type=Path, help="a message body (JSON)")
 
@@ -128,8 +149,12 @@ def _main(argv: Sequence[str] | None) -> int:
     path = config_path(args.config)
     try:
         # The operator commands need the journal and the routes, not the keys (nor the sinks'
-        # secrets): they run as users who may not have them, so they read no secret at all.
-        config = load_config(path, secrets=args.command in ("serve", "check"))
+        # secrets): they run as users who may not have them, so they read no secret at all,
+        # but for `metriport`, which reads the API key (and no other secret).
+        secrets: bool | tuple[str, ...] = args.command in ("serve", "check")
+        if args.command == "metriport":
+            secrets = ("metriport",)
+        config = load_config(path, secrets=secrets)
     except ConfigError as e:
         _print_problems(path, e)
         return EXIT_CONFIG
@@ -165,6 +190,8 @@ def _print_check(config: Config) -> None:
     print(f"listen:  {', '.join(server.listen)}  POST {server.path}")
     print(f"auth:    {' + '.join(config.auth.accept)}, {len(config.auth.keys)} key(s)")
     print(f"journal: {_journal_text(config)}")
+    if config.metriport is not None:
+        print(f"metriport: {_metriport_text(config)}")
     print("routes (every matching route fires; a sink gets a message once):")
     rows = describe(config.routes)
     width = max(len(pattern) for pattern, _ in rows)
@@ -179,6 +206,19 @@ def _print_check(config: Config) -> None:
             f"  (retry up to {sink.retry.max_attempts or 'unlimited'} attempts,"
             f" timeout {sink.timeout:g}s{order})"
         )
+
+
+def _metriport_text(config: Config) -> str:
+    section = config.metriport
+    assert section is not None
+    retry = section.retry_failed
+    if retry is None:
+        return f"{section.base_url}, retry_failed off"
+    every = f"every {retry.every:g}s" if retry.every is not None else "no periodic check"
+    return (
+        f"{section.base_url}, asks to resend failed deliveries on {' and '.join(retry.when)}"
+        f" and {every} (follows processing every {retry.poll:g}s)"
+    )
 
 
 def _journal_text(config: Config) -> str:

@@ -6,7 +6,8 @@ READY. SIGHUP: reload (validate and build everything first; on any error keep th
 configuration; else switch at once, retiring changed and removed sinks in the background).
 SIGTERM/SIGINT: stop accepting, let requests in flight finish (hypercorn's graceful timeout),
 let deliveries in flight finish (bounded), close sinks, checkpoint and close the journal.
-Meanwhile: the retention sweep, and the systemd watchdog when ``$WATCHDOG_USEC`` asks for it.
+Meanwhile: the retention sweep, the systemd watchdog when ``$WATCHDOG_USEC`` asks for it, and
+asking Metriport to resend what it failed to deliver (``router.metriport``, when configured).
 
 With ``server.workers`` above 1 this runs in each worker process of a supervisor
 (``router.supervisor``), given a ``Worker``: the supervisor has bound the listeners (the worker
@@ -33,10 +34,11 @@ from router.auth import Verifier
 from router.config import Config, load_config
 from router.dispatcher import Dispatcher
 from router.errors import ConfigError, JournalUnavailable, ListenError
-from router.ingress import Ingress, Runtime
+from router.ingress import Ingress, Runtime, is_ready
 from router.journal import Journal, journal_for
 from router.logs import kv
 from router.metrics import Metrics
+from router.metriport import Resender
 from router.notify import notify
 
 log = logging.getLogger("router")
@@ -100,6 +102,15 @@ class Daemon:
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(config, journal, self.metrics)
         self.ingress = Ingress(_runtime(config, journal, self.dispatcher, self.metrics))
+        #: Asks Metriport to resend what it failed to deliver (``metriport.retry_failed``).
+        self.resender = Resender(
+            lambda: self.config,
+            journal,
+            self.metrics,
+            self.dispatcher.owner,
+            lambda: is_ready(self.ingress.runtime),
+        )
+        self.ingress.on_refused = self.resender.refused
         #: Reloads asked for, and the newest of them whose load has finished (see ``reload``).
         self._reloads_asked = 0
         self._reloads_decided = 0
@@ -145,9 +156,11 @@ class Daemon:
             if worker is None or worker.index == 0:
                 tg.start_soon(self._sweep_periodically)
             tg.start_soon(self._watchdog)
+            tg.start_soon(self.resender.run)
             if admin is not None:
                 admin_app = Ingress(self.ingress.runtime, webhook=False)
                 admin_app.workers = self.ingress.workers
+                admin_app.on_refused = self.resender.refused
                 follow = _Follow(self.ingress, admin_app)
                 tg.start_soon(server.serve, follow, *admin, stop.wait, self.metrics)
             log.info(

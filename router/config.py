@@ -12,7 +12,7 @@ import builtins
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -208,6 +208,68 @@ class JournalConfig(_Strict):
     sweep_every: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)] = 3600.0
 
 
+def _off(value: Any) -> Any:
+    """``off`` (which YAML reads as false) or ``"off"``: the feature is disabled (``None``)."""
+    return None if value is False or value == "off" else value
+
+
+class MetriportBackoff(_Strict):
+    """Waits after a failed call to Metriport's API (an error, a 429, no answer): attempt n
+    waits min(max, initial * 2**(n-1)), or what ``Retry-After`` asks when that is longer."""
+
+    initial: _Timeout = 30.0
+    max: _Timeout = 3600.0
+
+
+RetryWhen = Literal["recovered", "start"]
+RETRY_WHEN: tuple[RetryWhen, ...] = ("recovered", "start")
+
+
+class RetryFailedConfig(_Strict):
+    """``metriport.retry_failed``: when to ask Metriport to resend what it failed to deliver.
+
+    - ``when``: ``recovered`` (after the router answered 503 or was not ready, once it is ready
+      again) and ``start`` (after every start: the router was stopped or crashed, and what
+      Metriport sent meanwhile failed). These names are a contract.
+    - ``every`` (15m): a periodic check besides, for failures of other causes (Metriport's
+      timeout, a proxy's error); ``off`` for none.
+    - ``poll`` (15s): how often, after a retry call, Metriport is asked whether it is still
+      resending; no other retry call is made until it reports none processing.
+    - ``backoff``: waits after failed calls (see ``MetriportBackoff``).
+    """
+
+    when: list[RetryWhen] = Field(default_factory=lambda: list(RETRY_WHEN))
+    every: Annotated[_Timeout | None, BeforeValidator(_off)] = 900.0
+    poll: _Timeout = 15.0
+    backoff: MetriportBackoff = MetriportBackoff()
+
+
+_API_URL = re.compile(r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
+
+
+def _api_url(value: Any) -> Any:
+    if isinstance(value, str) and not _API_URL.match(value):
+        raise ValueError(
+            "expected an http(s) URL without query, like https://api.metriport.com"
+            " (sandbox: https://api.sandbox.metriport.com)"
+        )
+    return value
+
+
+class MetriportConfig(_Strict):
+    """``metriport:``, the router's access to Metriport's API (``x-api-key``), used to ask it to
+    resend failed deliveries (``retry_failed``) and by ``webhook-router metriport …``.
+
+    ``base_url``: production by default; the sandbox is ``https://api.sandbox.metriport.com``.
+    ``timeout`` (10s): the deadline on each call.
+    """
+
+    api_key: Annotated[SecretStr, BeforeValidator(_no_surrounding_space)]
+    base_url: Annotated[str, BeforeValidator(_api_url)] = "https://api.metriport.com"
+    retry_failed: Annotated[RetryFailedConfig | None, BeforeValidator(_off)] = RetryFailedConfig()
+    timeout: _Timeout = 10.0
+
+
 class LogConfig(_Strict):
     format: Literal["plain", "json"] = "plain"
     level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = (
@@ -265,6 +327,7 @@ class _Document(_Strict):
     auth: AuthConfig
     journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
+    metriport: MetriportConfig | None = None
     routes: list[RouteConfig] = Field(default_factory=list)
     default: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -308,6 +371,8 @@ class Config:
     routes: RouteTable
     sinks: Mapping[str, SinkConfig]
     plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
+    #: ``metriport:``, when configured.
+    metriport: MetriportConfig | None = None
     warnings: tuple[str, ...] = ()
     #: The ``extra_plugins`` given to ``load_config``: a reload registers them again.
     extra_plugins: tuple[object, ...] = field(default=(), compare=False, repr=False)
@@ -343,13 +408,14 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     entry_points: bool = True,
     extra_plugins: Sequence[object] = (),
-    secrets: bool = True,
+    secrets: bool | Collection[str] = True,
 ) -> Config:
     """Load and validate a configuration file; raise ``ConfigError`` listing every problem.
 
     ``extra_plugins`` are registered beside the configured ones (tests use it to add
     throwaway plugins inline). ``secrets=False`` reads no secret (see ``router.yamlsource``):
-    for the operator commands, which need the journal and the routes, not the keys."""
+    for the operator commands, which need the journal and the routes, not the keys; a
+    collection of sections (``("metriport",)``) reads the secrets of those alone."""
     path = path.absolute()
     src = yamlsource.load(path, environ, secrets=secrets)
     if src.data is None:  # unreadable, or not YAML: nothing more to check
@@ -399,6 +465,7 @@ def load_config(
         routes=table,
         sinks=sinks,
         plugin_manager=pm,
+        metriport=doc.metriport,
         warnings=tuple(src.warnings),
         extra_plugins=tuple(extra_plugins),
         unresolved_secrets=tuple(yamlsource.dotted(p) for p in src.unresolved),
@@ -543,6 +610,9 @@ _CORE_MODELS: dict[yamlsource.KeyPath, type[BaseModel]] = {
     ("journal",): JournalConfig,
     ("journal", "postgres"): PostgresConfig,
     ("log",): LogConfig,
+    ("metriport",): MetriportConfig,
+    ("metriport", "retry_failed"): RetryFailedConfig,
+    ("metriport", "retry_failed", "backoff"): MetriportBackoff,
     ("routes", 0): RouteConfig,
 }
 _UNION_TAG = re.compile(r"^(str|int|float|bool|[a-z]+\[.*\]|function-.*)$")

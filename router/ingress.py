@@ -103,6 +103,13 @@ class Ingress:
         #: For a worker of a supervisor (``router.supervisor``): how many of the service's
         #: workers are ready, of how many (``/readyz`` is ready only when all of them are).
         self.workers: Callable[[], tuple[int, int]] | None = None
+        #: Called whenever a request is answered 503 or ``/readyz`` says not ready: Metriport
+        #: may then hold failed messages (``router.metriport.Resender.refused``).
+        self.on_refused: Callable[[], None] | None = None
+
+    def _refused(self) -> None:
+        if self.on_refused is not None:
+            self.on_refused()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -157,6 +164,7 @@ class Ingress:
             self.buffered -= held.bytes
 
     async def _overloaded(self, send: Send, why: str) -> int:
+        self._refused()
         if not self._shedding:  # one line when shedding starts, not one per request
             self._shedding = True
             log.warning(
@@ -332,6 +340,7 @@ class Ingress:
             return await self._not_stored(rt, send, spool, e, [], parsed.type)
         except JournalUnavailable as e:
             log.error(kv("refused", id=message.message_id, type=message.type, error=str(e)))
+            self._refused()
             return await respond(send, 503, _error("journal unavailable: message not stored"), JSON)
 
         if appended.duplicate:
@@ -371,6 +380,7 @@ class Ingress:
         """A body write failed (ENOSPC, EIO, …): nothing of it is kept, and ``/readyz`` says
         the journal is failing until there is space again."""
         await spool.discard()
+        self._refused()
         reason = f"cannot store: {error.strerror or type(error).__name__}"
         budget_for(rt.journal.local_dir).write_error = reason
         log.error(kv("refused", type=type_, error=reason, bytes=spool.size))
@@ -384,10 +394,9 @@ class Ingress:
             )
             for name, r in rt.dispatcher.runners.items()
         }
-        disk = budget_for(rt.journal.local_dir)
-        ready = rt.journal.healthy and not disk.failing(
-            rt.journal.local_dir, rt.config.server.min_free_bytes
-        )
+        ready = is_ready(rt)
+        if not ready:
+            self._refused()
         body: dict[str, object] = {
             "ready": ready,
             "journal": "ok" if ready else "failing",
@@ -398,6 +407,14 @@ class Ingress:
             body["workers"] = f"{up}/{of}"
             body["ready"] = ready = ready and up >= of
         await respond(send, 200 if ready else 503, json.dumps(body).encode(), JSON)
+
+
+def is_ready(rt: Runtime) -> bool:
+    """What ``/readyz`` says: the journal takes messages and its disk has room."""
+    disk = budget_for(rt.journal.local_dir)
+    return rt.journal.healthy and not disk.failing(
+        rt.journal.local_dir, rt.config.server.min_free_bytes
+    )
 
 
 def _error(text: str) -> bytes:

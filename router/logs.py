@@ -116,6 +116,9 @@ def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     root.setLevel(level.upper())
     # hypercorn logs each request when its access log is on; we keep it off and log our own.
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
+    # httpx logs each request's full URL at INFO: a presigned URL's query is a credential.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def _value(v: Any) -> str:

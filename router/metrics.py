@@ -153,6 +153,23 @@ class Metrics:
             registry=r,
         )
 
+        self.metriport_failed_seen = Gauge(
+            "webhook_router_metriport_failed_seen",
+            "Failed deliveries Metriport reported at the last check (-1: it could not count).",
+            registry=r,
+        )
+        self.metriport_retries = Counter(
+            "webhook_router_metriport_retries_requested",
+            "Times this router asked Metriport to resend its failed deliveries.",
+            registry=r,
+        )
+        self.metriport_calls = Counter(
+            "webhook_router_metriport_calls",
+            "Calls to Metriport's API, by kind (settings, retry) or failed.",
+            ["call"],
+            registry=r,
+        )
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once (``labels`` costs a lock and a tuple per
         call, and the hot path calls it for every message)."""

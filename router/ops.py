@@ -54,6 +54,10 @@ def _with_journal(config: Config, fn: Callable[[Journal], Awaitable[T]]) -> T:
     return anyio.run(run)
 
 
+#: For operator commands beside these (``webhook-router metriport``).
+with_journal = _with_journal
+
+
 def type_ok(where: Filter, type_: str) -> bool:
     return not where.types or any(matches(p, type_) for p in where.types)
 

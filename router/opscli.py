@@ -1,4 +1,5 @@
-"""Printing for the operator commands (``status``, ``dead …``, ``replay``, ``explain``)."""
+"""Printing for the operator commands (``status``, ``dead …``, ``replay``, ``explain``,
+``metriport …``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router import ops
 from router.config import Config
+
+if TYPE_CHECKING:
+    from router import metriport
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -23,6 +28,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
         return _replay(config, args)
     if args.command == "explain":
         return _explain(config, args.file)
+    if args.command == "metriport":
+        return _metriport(config, args)
     raise AssertionError(args.command)
 
 
@@ -132,4 +139,63 @@ def _explain(config: Config, file: Path) -> int:
         print(f"delivered to: {', '.join(ex.sinks)}")
     else:
         print("delivered to no sink: kept as unrouted (add a route or a default)")
+    return EXIT_OK
+
+
+def _metriport(config: Config, args: argparse.Namespace) -> int:
+    from router import metriport
+    from router.dispatcher import router_id
+
+    section = config.metriport
+    if section is None:
+        print(
+            f"error: {config.file} has no metriport: section (api_key, base_url)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        if args.metriport_command == "status":
+            st = ops.with_journal(config, lambda j: metriport.status(section, j))
+            return _metriport_status(st, args.json)
+        found = ops.with_journal(
+            config, lambda j: metriport.operator_retry(section, j, router_id(), args.force)
+        )
+    except metriport.MetriportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except metriport.RetryRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if found.failed == 0 and not args.force:
+        print("Metriport reports no failed deliveries: nothing to resend")
+    else:
+        count = "an unknown number of" if found.failed < 0 else str(found.failed)
+        print(
+            f"asked Metriport to resend {count} failed deliveries; follow it with"
+            " `webhook-router metriport status` until none is processing"
+        )
+    return EXIT_OK
+
+
+def _metriport_status(st: metriport.Status, as_json: bool) -> int:
+    s = st.settings
+    if as_json:
+        print(ops.to_json(st))
+        return EXIT_OK
+
+    def count(n: int) -> str:
+        return "unknown (Metriport could not count)" if n < 0 else str(n)
+
+    print(f"metriport: {st.base_url}")
+    detail = f" ({s.status_detail})" if s.status_detail else ""
+    print(f"webhook enabled:      {'yes' if s.enabled else 'no'}{detail}")
+    print(f"requests processing:  {count(s.processing)}")
+    print(f"requests failed:      {count(s.failed)}")
+    last = st.last_retry
+    if last is None:
+        print("last asked to resend: never (by any router on this journal)")
+    else:
+        print(
+            f"last asked to resend: {last.at} by {last.router}, reason {last.reason},"
+            f" {count(last.failed)} failed then"
+        )
     return EXIT_OK

@@ -31,7 +31,13 @@ from router.sink import Sink
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "webhook_router"
-DEFAULT_PLUGINS = ("plugins.file", "plugins.http", "plugins.kafka", "plugins.slack")
+DEFAULT_PLUGINS = (
+    "plugins.file",
+    "plugins.http",
+    "plugins.kafka",
+    "plugins.slack",
+    "plugins.download",
+)
 OBSERVER_TIMEOUT = 5.0
 
 

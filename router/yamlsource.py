@@ -11,13 +11,15 @@ systemd credential (``$CREDENTIALS_DIRECTORY/NAME``, from ``LoadCredential=``).
 With ``secrets=False`` no secret is read: each reference is replaced by ``UNRESOLVED`` and its
 key path listed in ``Source.unresolved``. The operator commands load the configuration that way:
 they need the journal and the routes, not the keys, and run as users who may not have them.
+``secrets`` may instead name top-level sections whose secrets alone are read
+(``webhook-router metriport`` needs ``metriport.api_key``, not the webhook keys).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,9 @@ class Source:
         self.warnings.append(str(problem))
 
 
-def load(path: Path, environ: Mapping[str, str] | None = None, *, secrets: bool = True) -> Source:
+def load(
+    path: Path, environ: Mapping[str, str] | None = None, *, secrets: bool | Collection[str] = True
+) -> Source:
     source = Source(str(path))
     try:
         text = path.read_text(encoding="utf-8")
@@ -98,7 +102,11 @@ def load(path: Path, environ: Mapping[str, str] | None = None, *, secrets: bool 
 
 class _Builder:
     def __init__(
-        self, source: Source, base_dir: Path, environ: Mapping[str, str], secrets: bool
+        self,
+        source: Source,
+        base_dir: Path,
+        environ: Mapping[str, str],
+        secrets: bool | Collection[str],
     ) -> None:
         self.source = source
         self.secrets = secrets
@@ -141,7 +149,11 @@ class _Builder:
         if not isinstance(name, str) or not name:
             self.source.problem((*path, kind), f"{{{kind}: ...}} needs a non-empty string")
             return None
-        if not self.secrets:
+        if isinstance(self.secrets, bool):
+            wanted = self.secrets
+        else:
+            wanted = bool(path) and path[0] in self.secrets
+        if not wanted:
             self.source.unresolved.append(path)
             return UNRESOLVED
         if kind == "env":
