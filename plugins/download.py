@@ -56,7 +56,7 @@ import anyio.to_thread
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from plugins.file import safe_component
+from plugins.file import resolve_template, safe_component
 from router import (
     ConfigPath,
     Duration,
@@ -218,11 +218,8 @@ class DownloadSink(Sink[DownloadOptions]):
 
     def __init__(self, options: DownloadOptions, context: SinkContext) -> None:
         super().__init__(options, context)
-        template = str(options.path)
-        self.template = template
-        fixed = os.path.dirname(_PLACEHOLDER.split(template, maxsplit=1)[0]) or "."
-        self.root = Path(fixed).resolve()
-        self._resolved = str(self.root) + template[len(fixed) :]
+        self.template = str(options.path)
+        self.root, self._resolved = resolve_template(self.template, _PLACEHOLDER)
         self._client: httpx.AsyncClient | None = None
         self._slots = anyio.Semaphore(options.downloads)
 

@@ -73,6 +73,15 @@ def safe_component(value: str) -> str:
     return "_" + cleaned if cleaned.startswith(".") else cleaned
 
 
+def resolve_template(template: str, placeholder: re.Pattern[str]) -> tuple[Path, str]:
+    """A path template's fixed leading folder (before the first placeholder), resolved once
+    (symlinks and all), and the template with that folder replaced by its resolved form: a
+    filled-in path must stay inside the folder."""
+    fixed_dir = os.path.dirname(placeholder.split(template, maxsplit=1)[0]) or "."
+    root = Path(fixed_dir).resolve()
+    return root, str(root) + template[len(fixed_dir) :]
+
+
 class FileSink(Sink[FileOptions]):
     """Append each message as one line to a JSON-lines file."""
 
@@ -82,15 +91,13 @@ class FileSink(Sink[FileOptions]):
 
     def __init__(self, options: FileOptions, context: SinkContext) -> None:
         super().__init__(options, context)
-        template = str(options.path)
-        self.template = template
-        fixed_dir = os.path.dirname(_PLACEHOLDER.split(template, maxsplit=1)[0]) or "."
-        self.root = Path(fixed_dir).resolve()
-        # The template with its fixed leading folder resolved once (symlinks and all).
-        self._resolved = str(self.root) + template[len(fixed_dir) :]
+        self.template = str(options.path)
+        self.root, self._resolved = resolve_template(self.template, _PLACEHOLDER)
         self._lock = threading.Lock()
         # Paths already worked out, by (type, UTC day) when the template has no {messageId}.
-        self._paths: dict[tuple[str, int], Path] | None = None if "{messageId}" in template else {}
+        self._paths: dict[tuple[str, int], Path] | None = (
+            None if "{messageId}" in self.template else {}
+        )
 
     def describe(self) -> str:
         return f"file {self.template} ({self.options.format}, fsync={self.options.fsync})"

@@ -35,6 +35,7 @@ database's clock; lease and retry deadlines are computed there, never from a rou
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,17 @@ class JournalStatus:
     sinks: dict[str, SinkCounts]
     last_errors: dict[str, str]
     routers: list[tuple[RouterInfo, float]] = field(default_factory=list)  # (router, seen_at)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (its claims can be released at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class Journal(abc.ABC):

@@ -62,6 +62,7 @@ from router.journal.base import (
     RouterInfo,
     SinkCounts,
     StoredMessage,
+    process_gone,
 )
 from router.message import Message
 
@@ -878,7 +879,7 @@ class PostgresJournal(Journal):
                 )
             ).fetchall()
             for rid, pid in rows:
-                if _process_gone(pid):
+                if process_gone(pid):
                     await _forget(conn, rid)
             await conn.execute(
                 """INSERT INTO wr_routers (id, host, pid, started_at, seen_at, alive_until, sinks)
@@ -1242,16 +1243,6 @@ async def _drop_orphan_bodies(conn: Conn) -> None:
 def _is_storage(e: BaseException) -> bool:
     cause = e.__cause__
     return isinstance(cause, psycopg.errors.DiskFull | psycopg.errors.ReadOnlySqlTransaction)
-
-
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 __all__ = ["PostgresJournal"]

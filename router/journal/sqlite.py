@@ -50,6 +50,7 @@ from router.journal.base import (
     RouterInfo,
     SinkCounts,
     StoredMessage,
+    process_gone,
 )
 from router.journal.groupcommit import GroupCommit
 from router.logs import kv
@@ -221,16 +222,6 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 def _now(conn: sqlite3.Connection) -> float:
     return float(conn.execute(f"SELECT {NOW}").fetchone()[0])
-
-
-def _process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 class SQLiteJournal(Journal):
@@ -586,7 +577,7 @@ class SQLiteJournal(Journal):
                     "SELECT id, pid FROM routers WHERE host = ? AND id != ?",
                     (router.host, router.id),
                 )
-                if _process_gone(pid)
+                if process_gone(pid)
             ]
             for rid in gone:
                 _forget(conn, rid)
@@ -939,7 +930,7 @@ def _others_alive(conn: sqlite3.Connection) -> bool:
     me = os.getpid()
     host = socket.gethostname()
     return any(
-        not (h == host and pid == me) and not (h == host and _process_gone(pid))
+        not (h == host and pid == me) and not (h == host and process_gone(pid))
         for h, pid in conn.execute(
             f"SELECT host, pid FROM routers WHERE alive_until > {NOW}"  # noqa: S608
         )
