@@ -310,9 +310,10 @@ class PostgresJournal(Journal):
             min_size=1,
             max_size=self.config.pool,
             timeout=self.config.connect_timeout,
-            # A lost connection is replaced in the background, retried (with backoff) for a day
-            # before the pool gives that slot up; requests meanwhile get 503.
-            reconnect_timeout=86400,
+            # A connection that cannot be replaced at once is given up (no retrying with
+            # growing backoff in the background): the next request that needs one makes a
+            # new one, so the router is back as soon as the database is (503s meanwhile).
+            reconnect_timeout=0,
             open=False,
             name="webhook-router",
         )
