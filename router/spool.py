@@ -208,7 +208,9 @@ class Spool:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.error("could not remove a spooled file not kept (%s): %s", path.name, e.strerror)
+                log.error(
+                    "could not remove a spooled file not kept (%s): %s", path.name, e.strerror
+                )
 
 
 class _Trip:
