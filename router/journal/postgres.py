@@ -217,12 +217,16 @@ Job = Callable[[Conn], Awaitable[Any]]
 
 
 class _Pending:
-    __slots__ = ("fn", "future", "locks", "notify")
+    __slots__ = ("fn", "future", "locks", "notify", "order")
 
-    def __init__(self, fn: Job, locks: Collection[str], notify: Collection[str]) -> None:
+    def __init__(
+        self, fn: Job, locks: Collection[str], notify: Collection[str], order: str | None
+    ) -> None:
         self.fn = fn
         self.locks = locks
         self.notify = notify
+        #: A message id: appends run in message id order within a batch (see ``_write_loop``).
+        self.order = order
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
 
@@ -420,11 +424,16 @@ class PostgresJournal(Journal):
     # -- the writer ---------------------------------------------------------------------------
 
     async def _write(
-        self, fn: Job, *, locks: Collection[str] = (), notify: Collection[str] = ()
+        self,
+        fn: Job,
+        *,
+        locks: Collection[str] = (),
+        notify: Collection[str] = (),
+        order: str | None = None,
     ) -> Any:
         if self._writer is None or self._writer.done():
             raise JournalUnavailable("journal is not open")
-        job = _Pending(fn, locks, notify)
+        job = _Pending(fn, locks, notify, order)
         await self._queue.put(job)
         return await job.future
 
@@ -441,6 +450,11 @@ class PostgresJournal(Journal):
                     stop = True
                     break
                 jobs.append(job)
+            # Appends in message id order: two routers' batches holding the same ids (a
+            # message posted to both) then wait for each other in one order, never in a
+            # cycle (a deadlock costs a second and a retried batch, and the leases given at
+            # append run meanwhile). Other writes keep their order, after them.
+            jobs.sort(key=lambda j: (j.order is None, j.order or ""))
             try:
                 await self._commit(jobs)
             except BaseException as e:  # never let the writer die: later writes would hang
@@ -673,7 +687,9 @@ class PostgresJournal(Journal):
         others = [s for s in sinks if s not in claimed]
         locks = [message.order_key] if ordered else []
         try:
-            result: Appended = await self._write(write, locks=locks, notify=others)
+            result: Appended = await self._write(
+                write, locks=locks, notify=others, order=message.message_id
+            )
         except BaseException:
             if body_id is not None:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
