@@ -34,7 +34,8 @@ from router.auth import Verifier
 from router.config import Config, load_config
 from router.dispatcher import Dispatcher
 from router.errors import ConfigError, JournalUnavailable, ListenError
-from router.ingress import Ingress, Runtime, is_ready
+from router.health import is_ready
+from router.ingress import Ingress, Runtime
 from router.journal import Journal, journal_for
 from router.logs import kv
 from router.metrics import Metrics

@@ -154,7 +154,6 @@ class ServerConfig(_Strict):
 
 
 Scheme = Literal["signature", "key"]
-SCHEMES: tuple[Scheme, ...] = ("signature", "key")
 DEFAULT_ACCEPT: tuple[Scheme, ...] = ("signature",)
 
 

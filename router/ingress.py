@@ -28,6 +28,7 @@ from router.config import Config, ServerConfig
 from router.diskbudget import STEP, OverBudget, Ticket, budget_for
 from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
+from router.health import CommitProbe, readiness, sink_states
 from router.journal import Journal
 from router.logs import kv
 from router.message import Message
@@ -106,6 +107,8 @@ class Ingress:
         #: Called whenever a request is answered 503 or ``/readyz`` says not ready: Metriport
         #: may then hold failed messages (``router.metriport.Resender.refused``).
         self.on_refused: Callable[[], None] | None = None
+        #: Proves the journal can commit for ``/readyz`` (one write a second at most).
+        self._commit_probe = CommitProbe()
 
     def _refused(self) -> None:
         if self.on_refused is not None:
@@ -388,33 +391,22 @@ class Ingress:
         return await respond(send, 503, text, JSON, headers)
 
     async def _ready(self, rt: Runtime, send: Send) -> None:
-        sinks = {
-            name: (
-                "up" if r.opened and r.last_error is None else "degraded" if r.opened else "down"
-            )
-            for name, r in rt.dispatcher.runners.items()
-        }
-        ready = is_ready(rt)
-        if not ready:
-            self._refused()
+        why = await readiness(rt, self._commit_probe)
         body: dict[str, object] = {
-            "ready": ready,
-            "journal": "ok" if ready else "failing",
-            "sinks": sinks,
+            "ready": why is None,
+            "journal": "ok" if why is None else "failing",
+            "sinks": sink_states(rt.dispatcher.runners),
         }
         if self.workers is not None:
             up, of = self.workers()
             body["workers"] = f"{up}/{of}"
-            body["ready"] = ready = ready and up >= of
-        await respond(send, 200 if ready else 503, json.dumps(body).encode(), JSON)
-
-
-def is_ready(rt: Runtime) -> bool:
-    """What ``/readyz`` says: the journal takes messages and its disk has room."""
-    disk = budget_for(rt.journal.local_dir)
-    return rt.journal.healthy and not disk.failing(
-        rt.journal.local_dir, rt.config.server.min_free_bytes
-    )
+            if why is None and up < of:
+                why = f"{up} of {of} workers ready"
+        if why is not None:
+            body["ready"] = False
+            body["reason"] = why
+            self._refused()
+        await respond(send, 200 if why is None else 503, json.dumps(body).encode(), JSON)
 
 
 def _error(text: str) -> bytes:

@@ -57,7 +57,6 @@ LOCK = "metriport.retry"
 STATE = "metriport.last_retry"
 #: How often readiness is looked at while waiting to be ready (no call to Metriport).
 READY_POLL = 0.25
-SANDBOX_URL = "https://api.sandbox.metriport.com"
 #: How many of the latest backoff waits are kept (for ``status`` and tests).
 WAITS_KEPT = 32
 

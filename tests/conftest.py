@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from router import Message, SendResult, Sink, SinkOptions
+from router import Message, RetryableError, SendResult, Sink, SinkOptions
 from router.config import Config, load_config
 from router.journal import Journal
 from router.testing import post_signed, signed_headers, write_config
@@ -93,6 +93,19 @@ def recording_sink(type_name: str, log: list[tuple[str, str, int]]) -> type[Sink
             return None
 
     return Recording
+
+
+class NeverOpens(Sink[SinkOptions]):
+    """A sink that never opens: its runner never reads or writes the journal (the router is
+    idle), for tests that must see what the journal does without the dispatcher's writes."""
+
+    type = "never-opens"
+
+    async def open(self) -> None:
+        raise RetryableError("never opens")
+
+    async def send(self, batch: Sequence[Message]) -> SendResult:
+        raise AssertionError("never opened")
 
 
 def query_journal(directory: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -31,13 +31,14 @@ from router.message import Message
 from router.testing import (
     Recorder,
     RunningRouter,
+    SinkPlugin,
     body_for,
     eventually,
     running_router,
     write_config,
 )
 from tests import rawhttp
-from tests.conftest import TEST_KEY, base_config, query_journal, signed
+from tests.conftest import TEST_KEY, NeverOpens, base_config, query_journal, signed
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT, UMOUNT, SQLITE3 = shutil.which("mount"), shutil.which("umount"), shutil.which("sqlite3")
@@ -450,3 +451,38 @@ async def test_a_disk_filling_up_while_a_large_body_arrives_is_503_and_readyz_re
         assert query_journal(config.journal.path, "SELECT message_id FROM messages") == [
             (id_of(body),)
         ]
+
+
+@pytest.mark.anyio
+async def test_readyz_proves_the_journal_can_commit_and_says_why_not(
+    tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    # An idle router (its one sink never opens: nothing claims) whose journal can no longer
+    # write is not ready, though no write has failed yet: /readyz commits a small write of its
+    # own to know.
+    # Here the writer connection refuses writes (SQLite's query_only: SQLITE_READONLY, as a
+    # read-only remount would give).
+    sinks = {"down": {"type": "never-opens"}}
+    config = make_config(sinks=sinks, default=["down"], extra_plugins=(SinkPlugin(NeverOpens),))
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        writer = router.daemon.journal._conn
+        await anyio.to_thread.run_sync(writer.execute, "PRAGMA query_only=ON")
+        ready = await client.get(router.base_url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["journal"] == "failing"
+        assert (
+            ready.json()["reason"] == "journal commit failed: attempt to write a readonly database"
+        )
+        body = body_for("patient.admit")
+        r = await client.post(router.webhook_url, content=body, headers=signed(body))
+        assert r.status_code == 503
+        ready = await client.get(router.base_url + "/readyz")
+        assert ready.json()["reason"] == "attempt to write a readonly database"
+
+        await anyio.to_thread.run_sync(writer.execute, "PRAGMA query_only=OFF")
+        r = await client.post(router.webhook_url, content=body, headers=signed(body))
+        assert r.status_code == 200
+        with anyio.fail_after(15):
+            while (ready := await client.get(router.base_url + "/readyz")).status_code != 200:
+                await anyio.sleep(0.05)  # the failed probe's answer stands a second
+        assert "reason" not in ready.json()

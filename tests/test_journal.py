@@ -252,13 +252,13 @@ async def test_one_id_appended_through_two_journals_is_stored_once_and_answered_
 
 async def test_a_closed_journal_refuses_writes(journal_store: JournalStore) -> None:
     journal = journal_store.journal()
-    assert not journal.healthy
+    assert (journal.healthy, journal.last_error) == (False, "journal is not open")
     with pytest.raises(JournalUnavailable):
         await journal.append(msg("m"), ["s"])
     await journal.open()
-    assert journal.healthy
+    assert (journal.healthy, journal.last_error) == (True, None)
     await journal.close()
-    assert not journal.healthy
+    assert (journal.healthy, journal.last_error) == (False, "journal is not open")
     with pytest.raises(JournalUnavailable):
         await journal.append(msg("m"), ["s"])
 

@@ -29,7 +29,7 @@ from router.config import Config, load_config
 from router.journal import Filter, journal_for
 from router.testing import Recorder, RunningRouter, SinkPlugin, body_for, running_router
 from router.testing import write_config as write_yaml
-from tests.conftest import base_config, post
+from tests.conftest import NeverOpens, PgDatabase, base_config, post
 
 pytestmark = pytest.mark.anyio
 
@@ -315,3 +315,36 @@ async def test_operator_commands_work_on_the_postgresql_journal(
         replay = await anyio.to_thread.run_sync(cli, ops, "replay", "--since", "1h")
         assert replay.stdout == "replaying 2 message(s): 2 to rec\n", replay.stderr
         await delivered.wait_for(lambda d: len(d.ids()) == 4)
+
+
+async def test_readyz_proves_the_journal_can_commit_and_says_why_not(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    # An idle router (its one sink never opens: nothing claims) on a database that went
+    # read-only is not ready before any write has failed: /readyz commits a small write of its
+    # own to know. Going read-only ends the sessions: the first write may find its connection
+    # gone instead.
+    journal = {"path": str(tmp_path / "spool"), "postgres": {"dsn": pg_database.uri}}
+    sinks = {"down": {"type": "never-opens"}}
+    doc = base_config(tmp_path, journal=journal, sinks=sinks, default=["down"])
+    config = load_config(write_yaml(tmp_path, doc), extra_plugins=(SinkPlugin(NeverOpens),))
+    body = body_for("patient.admit")
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        await anyio.to_thread.run_sync(pg_database.server.read_only, pg_database.name)
+        ready = await client.get(router.base_url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["journal"] == "failing"
+        assert ready.json()["reason"] in (
+            "journal write failed: the database is read-only",
+            "journal commit failed: the database cannot be reached",
+        )
+
+        await anyio.to_thread.run_sync(
+            lambda: pg_database.server.read_only(pg_database.name, on=False)
+        )
+        with anyio.fail_after(30):  # as Metriport would: resent until stored
+            while (await post(client, router.webhook_url, body)).status_code != 200:
+                await anyio.sleep(0.05)
+            while (ready := await client.get(router.base_url + "/readyz")).status_code != 200:
+                await anyio.sleep(0.05)  # the failed probe's answer stands a second
+        assert "reason" not in ready.json()

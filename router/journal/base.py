@@ -168,8 +168,6 @@ class Journal(abc.ABC):
 
     #: ``sqlite`` or ``postgres``.
     kind: str = ""
-    #: The newest schema this code understands (a newer journal is refused).
-    schema_version: int = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -186,6 +184,12 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool:
         """Whether the last write succeeded (False before open and after close)."""
+
+    @property
+    @abc.abstractmethod
+    def last_error(self) -> str | None:
+        """Why the journal is not ``healthy`` (what the last failed write said; never a
+        message's content), for ``/readyz``; None while it is healthy."""
 
     @abc.abstractmethod
     def alive(self) -> bool:

@@ -251,7 +251,6 @@ class PostgresJournal(Journal):
     """The journal in a PostgreSQL database shared by several routers."""
 
     kind = "postgres"
-    schema_version = SCHEMA_VERSION
     max_batch = 512
 
     def __init__(self, config: PostgresConfig, *, spool_dir: Path) -> None:
@@ -266,6 +265,7 @@ class PostgresJournal(Journal):
         self._notify_event = asyncio.Event()
         self._closing = False
         self._healthy = False
+        self._last_error: str | None = "journal is not open"
         self._wake: Callable[[set[str] | None], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -273,6 +273,21 @@ class PostgresJournal(Journal):
     @property
     def healthy(self) -> bool:
         return self._healthy and self._writer is not None and not self._writer.done()
+
+    @property
+    def last_error(self) -> str | None:
+        if self._writer is None:
+            return "journal is not open"
+        if self._writer.done():
+            return "journal writer stopped"
+        return None if self._healthy else self._last_error
+
+    def _failed(self, error: JournalUnavailable) -> JournalUnavailable:
+        """A write failed for want of the database (or its disk): not healthy until one
+        succeeds."""
+        self._healthy = False
+        self._last_error = str(error)
+        return error
 
     def alive(self) -> bool:
         return self._writer is not None and not self._writer.done()
@@ -338,6 +353,7 @@ class PostgresJournal(Journal):
             self._pool = None
             raise
         self._healthy = True
+        self._last_error = None
         self._writer = asyncio.create_task(self._write_loop(), name="journal-writer")
         self._notifier = asyncio.create_task(self._notify_loop(), name="journal-notify")
         if self.config.listen:
@@ -417,6 +433,7 @@ class PostgresJournal(Journal):
             await self._pool.close()
             self._pool = None
         self._healthy = False
+        self._last_error = "journal is not open"
 
     def subscribe(self, wake: Callable[[set[str] | None], None]) -> None:
         self._wake = wake
@@ -486,22 +503,22 @@ class PostgresJournal(Journal):
             except psycopg.Error as e:
                 if getattr(e, "sqlstate", None) in _RETRY_BATCH and attempt < 2:
                     continue
-                self._healthy = False
-                error = _unavailable(e, "commit")
+                error = self._failed(_unavailable(e, "commit"))
                 log.error("journal commit failed, %d writes refused: %s", len(jobs), error)
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(error)
                 return
             except Exception as e:  # the pool: no connection within the timeout
-                self._healthy = False
-                error = _unavailable(e, "commit")
+                error = self._failed(_unavailable(e, "commit"))
                 log.error("journal commit failed, %d writes refused: %s", len(jobs), error)
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(error)
                 return
-        self._healthy = not any(_is_storage(e) for e in errors.values())
+        storage = next((e for e in errors.values() if _is_storage(e)), None)
+        self._healthy = storage is None
+        self._last_error = None if storage is None else str(storage)
         notify: set[str] = set()
         for i, job in enumerate(jobs):
             if job.future.done():
@@ -720,12 +737,10 @@ class PostgresJournal(Journal):
                 finally:
                     f.close()
         except psycopg.Error as e:
-            self._healthy = False
-            raise _unavailable(e, "body write") from e
+            raise self._failed(_unavailable(e, "body write")) from e
         except Exception as e:
             if isinstance(e, psycopg_pool_errors()):
-                self._healthy = False
-                raise _unavailable(e, "body write") from e
+                raise self._failed(_unavailable(e, "body write")) from e
             raise
         return body_id
 

@@ -229,7 +229,6 @@ class SQLiteJournal(Journal):
     journal.open()``."""
 
     kind = "sqlite"
-    schema_version = SCHEMA_VERSION
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -243,6 +242,12 @@ class SQLiteJournal(Journal):
     @property
     def healthy(self) -> bool:
         return self._writer is not None and self._writer.healthy
+
+    @property
+    def last_error(self) -> str | None:
+        if self._writer is None:
+            return "journal is not open"
+        return None if self._writer.healthy else self._writer.last_error
 
     def describe(self) -> str:
         return str(self.path)
