@@ -37,7 +37,7 @@ ORDERED_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("HMAC / auth", ("router/auth.py", "hmac.py")),
     ("JSON parse (router/parse.py)", ("router/parse.py",)),
     ("plugin hooks (pluggy)", ("pluggy/", "router/plugins.py")),
-    ("journal (SQLite, writer thread, reads)", ("router/journal.py", "sqlite3/")),
+    ("journal (SQLite, writer thread, reads)", ("router/journal/", "sqlite3/")),
     ("dispatcher + file sink", ("router/dispatcher.py", "router/sink.py", "plugins/")),
 ]
 LEAF_RULES: list[tuple[str, tuple[str, ...]]] = [

@@ -12,6 +12,7 @@ once per request, so a reload can swap it atomically.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,7 +40,8 @@ from router.spool import SPOOL_THRESHOLD, Spool
 log = logging.getLogger("router.ingress")
 
 Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Event = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Event]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 JSON = b"application/json"
 CLOSE = (b"connection", b"close")
@@ -270,8 +272,14 @@ class Ingress:
         server = rt.config.server
         limit = server.max_body_bytes
         try:
-            with anyio.fail_after(server.body_timeout):
-                await _read_body(receive, limit, verification.update, hold, on_disk, spool)
+            queued, whole = _queued(receive, spool.threshold)
+            if whole:  # the usual webhook: all here already, so no timer and no spool task
+                _take_queued(queued, limit, verification.update, hold, spool)
+            else:
+                if queued:
+                    receive = _replay(queued, receive)
+                with anyio.fail_after(server.body_timeout):
+                    await _read_body(receive, limit, verification.update, hold, on_disk, spool)
         except TooLarge:
             return await respond(
                 send, 413, _error(f"body larger than {limit} bytes"), JSON, [CLOSE]
@@ -449,6 +457,64 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def _queued(receive: Receive, threshold: int) -> tuple[list[Event], bool]:
+    """The request's events the server has queued already, taken without waiting, and
+    whether they hold the whole body (within ``threshold`` bytes, so it stays in memory).
+
+    hypercorn's ``receive`` is the ``get`` of an ``asyncio.Queue`` filled as the connection
+    is read, and a webhook of a few KB arrives in the packets that carry its headers: most
+    of the time the whole body is there when the app starts. Taking it at once saves the
+    body timer and the spool's task (a good part of what a request costs). Any other
+    ``receive`` gives nothing here, and the body is read as it comes."""
+    queue = getattr(receive, "__self__", None)
+    events: list[Event] = []
+    if not isinstance(queue, asyncio.Queue):
+        return events, False
+    size = 0
+    while not queue.empty():
+        event = queue.get_nowait()
+        events.append(event)
+        size += len(event.get("body", b""))
+        if size > threshold:
+            break
+        if event["type"] != "http.request" or not event.get("more_body", False):
+            return events, True  # the last piece, or a disconnect
+    return events, False
+
+
+def _take_queued(
+    events: list[Event],
+    limit: int,
+    update: Callable[[bytes], None],
+    hold: Callable[[int], None],
+    spool: Spool,
+) -> None:
+    """What ``_read_body`` does, for a whole body already queued (``_queued``): it stays in
+    memory, so nothing waits."""
+    for event in events:
+        if event["type"] == "http.disconnect":
+            raise Disconnected
+        chunk = event.get("body", b"")
+        if chunk:
+            if spool.size + len(chunk) > limit:
+                raise TooLarge
+            update(chunk)
+            spool.keep(chunk)
+            hold(spool.held)
+
+
+def _replay(events: list[Event], receive: Receive) -> Receive:
+    """``receive`` that first gives back ``events`` (taken by ``_queued``), in order."""
+    pending = list(events)
+
+    async def replayed() -> Event:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
 
 
 async def _read_body(

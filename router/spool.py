@@ -94,10 +94,19 @@ class Spool:
                 raise group.exceptions[0] from None
             raise
 
-    async def write(self, chunk: bytes) -> None:
+    def keep(self, chunk: bytes) -> None:
+        """``write`` of a piece that leaves the body in memory (within the threshold): nothing
+        to wait for."""
+        assert self.path is None and self.size + len(chunk) <= self.threshold
+        self._add(chunk)
+
+    def _add(self, chunk: bytes) -> None:
         self.size += len(chunk)
         self._chunks.append(chunk)
         self._pending += len(chunk)
+
+    async def write(self, chunk: bytes) -> None:
+        self._add(chunk)
         if self.path is None:
             if self.size > self.threshold:
                 await anyio.to_thread.run_sync(self._spill)
