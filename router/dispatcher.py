@@ -9,12 +9,17 @@ this router just received is claimed by the append itself and handed over in mem
 dispatcher renews the leases of everything its runners hold; a router that dies stops renewing
 and its claims are taken over once they expire (at once after a restart on the same host), so
 a crash loses nothing, and with several routers on one journal no delivery is held by two.
+
+This module schedules (``Dispatcher``: the runners of the configuration in force, reloads,
+lease renewal; ``SinkRunner``: one sink's claims and attempts). What an attempt involves
+besides has a module each: the sink's lifecycle (``router.sinkhandle``), the cache of fresh
+messages (``router.freshcache``), turning an attempt into outcomes (``router.outcomes``, a
+pure function) and reporting them (``router.reporting``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import socket
@@ -26,15 +31,17 @@ from typing import Any
 import anyio
 import pluggy
 
-from router import plugins
 from router.config import Config, SinkConfig
 from router.errors import JournalUnavailable
+from router.freshcache import FreshCache
 from router.journal import FIRST_TOKEN, Claim, Journal, Outcome, RouterInfo
 from router.logs import kv
 from router.message import Message
 from router.metrics import Metrics
-from router.retry import backoff, decide, describe_error
-from router.sink import Sink
+from router.outcomes import outcomes
+from router.reporting import Reporter
+from router.sink import SendResult, Sink
+from router.sinkhandle import SinkHandle
 
 log = logging.getLogger("router.delivery")
 
@@ -42,31 +49,19 @@ log = logging.getLogger("router.delivery")
 IDLE_POLL = 2.0
 #: While fresh messages keep coming, the journal is still read this often for due retries.
 JOURNAL_LOOK = 0.5
-#: The memory a runner's cache of just-accepted messages may take: body bytes plus
-#: ``FRESH_ENTRY_BYTES`` each (a hung sink's cache stays full, so this is what it costs) ...
-FRESH_BYTES = 16 * 1024 * 1024
-#: ... and how many of them at most (small bodies reach this long before ``FRESH_BYTES``).
-FRESH_COUNT = 8192
-#: What an entry of that cache costs besides its body: the ``Message`` with its id, type and
-#: time strings, and the dict slot (about 400 bytes measured with tracemalloc; rounded up).
-FRESH_ENTRY_BYTES = 512
 #: How long a sink being retired by a reload may take to finish its deliveries in flight.
 RETIRE_SECONDS = 10.0
 #: The last error of a delivery dead-lettered because its sink was removed by a reload.
 REMOVED = "sink removed from the configuration"
 
 
-def _fresh_cost(message: Message) -> int:
-    """What keeping ``message`` at hand costs in memory (a spooled body stays in its file)."""
-    return (message.body_size if message.in_memory else 0) + FRESH_ENTRY_BYTES
-
-
-#: How long a sink being retired by a reload may take to finish its deliveries in flight.
-RETIRE_SECONDS = 10.0
-
-
 class SinkRunner:
-    """Delivers the pending deliveries of one sink."""
+    """Schedules the deliveries of one sink: claims what is due from the journal, takes what
+    was just received from its cache, and runs up to ``concurrency`` attempts at once, each
+    recorded with its claim's token. Its other jobs are modules of their own: the sink's
+    lifecycle (``router.sinkhandle``), the cache of fresh messages (``router.freshcache``),
+    turning an attempt into outcomes (``router.outcomes``) and reporting them
+    (``router.reporting``)."""
 
     def __init__(
         self,
@@ -79,7 +74,7 @@ class SinkRunner:
         lease: float,
     ) -> None:
         self.cfg = cfg
-        self.sink = sink
+        self.handle = SinkHandle(cfg, sink, metrics)
         self.journal = journal
         self.pm = pm
         self.metrics = metrics
@@ -87,12 +82,11 @@ class SinkRunner:
         self.lease = lease
         #: The deliveries this runner holds (claimed, outcome not yet recorded), by row.
         self.held: dict[int, Claim] = {}
-        self._fresh: dict[int, Message] = {}
-        self._fresh_bytes = 0
+        self.fresh = FreshCache()
+        self._reporter = Reporter(cfg.name, metrics)
         self._next_journal_look = 0.0
         self._fresh_turn = False
         self.active = 0
-        self.opened = False
         self.stopping = False
         self._stopped = anyio.Event()
         self._done = anyio.Event()
@@ -100,7 +94,6 @@ class SinkRunner:
         self.retired = anyio.Event()
         self._scope = anyio.CancelScope()
         self._after: SinkRunner | None = None
-        self.last_error: str | None = None
         self._wake = anyio.Event()
 
     @property
@@ -114,34 +107,14 @@ class SinkRunner:
     def has_room(self, message: Message) -> bool:
         """Whether ``message``, just received, may be claimed for this runner and kept at hand
         (else it is claimed from the journal when its turn comes)."""
-        return (
-            not self.cfg.ordered
-            and not self.stopping
-            and len(self._fresh) < FRESH_COUNT
-            and self._fresh_bytes + _fresh_cost(message) <= FRESH_BYTES
-        )
+        return not self.cfg.ordered and not self.stopping and self.fresh.has_room(message)
 
     def offer(self, seq: int, message: Message) -> None:
         """A message just journaled and claimed for this sink (token ``FIRST_TOKEN``): keep it
         at hand, so that delivering it needs no journal read."""
         self.held[seq] = Claim(seq, 0, FIRST_TOKEN)
-        self._fresh[seq] = message
-        self._fresh_bytes += _fresh_cost(message)
+        self.fresh.add(seq, message)
         self._wake.set()
-
-    @property
-    def fresh_size(self) -> tuple[int, int]:
-        """How many messages the fresh-message cache holds, and what they cost in bytes
-        (bodies plus ``FRESH_ENTRY_BYTES`` each)."""
-        return len(self._fresh), self._fresh_bytes
-
-    def _take_fresh(self, limit: int) -> list[tuple[Claim, Message | None]]:
-        taken: list[tuple[Claim, Message | None]] = []
-        for seq in list(itertools.islice(self._fresh, limit)):
-            message = self._fresh.pop(seq)
-            self._fresh_bytes -= _fresh_cost(message)
-            taken.append((self.held[seq], message))
-        return taken
 
     async def supervise(self, after: SinkRunner | None = None) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner
@@ -181,14 +154,7 @@ class SinkRunner:
             self.retired.set()
 
     async def close_sink(self) -> None:
-        if not self.opened:
-            return
-        self.opened = False
-        try:
-            with anyio.fail_after(self.cfg.timeout):
-                await self.sink.close()
-        except Exception as e:
-            log.warning(kv("sink-close-failed", sink=self.name, error=describe_error(e)))
+        await self.handle.close()
 
     def stop(self) -> None:
         """Start no new deliveries; ``run`` returns once those in flight have finished."""
@@ -197,7 +163,7 @@ class SinkRunner:
         self._wake.set()
 
     async def run(self) -> None:
-        await self._open()
+        await self.handle.open(self._stopped)
         async with anyio.create_task_group() as tg:
             while not self.stopping:
                 wake = self._wake = anyio.Event()
@@ -215,9 +181,7 @@ class SinkRunner:
 
     async def _release_fresh(self) -> None:
         """Give back the claims of messages kept at hand but never sent (stop, reload)."""
-        claims = [self.held.pop(seq) for seq in self._fresh]
-        self._fresh.clear()
-        self._fresh_bytes = 0
+        claims = [self.held.pop(seq) for seq in self.fresh.clear()]
         if claims:
             with anyio.move_on_after(5.0):
                 try:
@@ -232,10 +196,11 @@ class SinkRunner:
         if free <= 0:
             return None  # a finishing worker wakes us
         size = self.cfg.batch_size
-        if self._fresh and time.monotonic() < self._next_journal_look:
+        fresh = self.fresh
+        if fresh and time.monotonic() < self._next_journal_look:
             # Messages just accepted go out from memory; the journal is still asked at least
             # every JOURNAL_LOOK seconds, so retries that fall due are never starved.
-            self._start(tg, self._take_fresh(free * size))
+            self._start(tg, fresh.take(free * size, self.held))
             return 0.0
         self._next_journal_look = time.monotonic() + JOURNAL_LOOK
         # Both kinds share this round: the journal's (retries due, other routers' messages)
@@ -243,7 +208,7 @@ class SinkRunner:
         # nor the other way round (alternating when only one delivery can start).
         room = free * size
         self._fresh_turn = not self._fresh_turn
-        share = min(len(self._fresh), room // 2 if room > 1 else int(self._fresh_turn))
+        share = min(len(fresh), room // 2 if room > 1 else int(self._fresh_turn))
         claims = []
         if room - share > 0:
             claims = await self.journal.claim(
@@ -257,7 +222,7 @@ class SinkRunner:
             self.held[c.seq] = c
             if not again:
                 due.append((c, None))
-        due += self._take_fresh(room - len(due))
+        due += fresh.take(room - len(due), self.held)
         if due:
             self._start(tg, due)
             return 0.0
@@ -269,27 +234,6 @@ class SinkRunner:
             chunk = due[i : i + size]
             self.active += 1
             tg.start_soon(self._deliver, chunk)
-
-    async def _open(self) -> None:
-        attempt = 0
-        while not self.stopping:
-            try:
-                with anyio.fail_after(self.cfg.timeout):
-                    await self.sink.open()
-            except Exception as e:
-                attempt += 1
-                self.last_error = describe_error(e)
-                delay = backoff(self.cfg.retry, attempt)
-                log.warning(
-                    kv("sink-open-failed", sink=self.name, error=self.last_error, retry_in=delay)
-                )
-                self.metrics.sink_up.labels(self.name).set(0)
-                with anyio.move_on_after(delay):
-                    await self._stopped.wait()
-            else:
-                self.opened = True
-                self.metrics.sink_up.labels(self.name).set(1)
-                return
 
     async def _deliver(self, pairs: Sequence[tuple[Claim, Message | None]]) -> None:
         claims = [c for c, _ in pairs]
@@ -334,92 +278,24 @@ class SinkRunner:
             self._wake.set()
 
     async def _attempt(self, batch: list[tuple[Claim, Message]]) -> None:
+        """Send ``batch``, record each delivery's outcome (with its claim's token now: it may
+        have been claimed again meanwhile, see ``_dispatch_due``), then report them."""
         messages = [m for _, m in batch]
+        result: SendResult | BaseException
         start = time.monotonic()
-        errors: dict[str, BaseException]
         try:
             with anyio.fail_after(self.cfg.timeout):
-                result = await self.sink.send(messages)
-            errors = dict(result or {})
-        except Exception as e:
-            errors = {m.message_id: e for m in messages}
+                result = await self.handle.sink.send(messages)
+        except Exception as e:  # a timeout included: ``outcomes`` decides what it means
+            result = e
         duration = time.monotonic() - start
-        outcomes: list[Outcome] = []
-        events: list[tuple[str, dict[str, Any]]] = []
-        for claimed, message in batch:
-            # Its token now: the claim may have been taken again meanwhile (see _dispatch_due).
-            due = self.held.get(claimed.seq, claimed)
-            error = errors.get(message.message_id)
-            attempts = claimed.attempts + 1
-            if error is None:
-                outcomes.append(Outcome(due.seq, self.name, "delivered", attempts, due.token))
-                events.append(("delivered", {"message": message, "duration": duration}))
-                continue
-            decision = decide(self.cfg.retry, attempts, error)
-            text = describe_error(error)
-            if decision.dead:
-                outcomes.append(Outcome(due.seq, self.name, "dead", attempts, due.token, 0, text))
-                events.append(("dead", {"message": message, "error": error, "text": text}))
-            else:
-                outcomes.append(
-                    Outcome(
-                        due.seq, self.name, "pending", attempts, due.token, decision.delay, text
-                    )
-                )
-                events.append(
-                    (
-                        "retry",
-                        {
-                            "message": message,
-                            "error": error,
-                            "text": text,
-                            "retry_in": decision.delay,
-                        },
-                    )
-                )
-        await self.journal.record(outcomes)
-        self.last_error = None if not errors else describe_error(next(iter(errors.values())))
+        verdict = outcomes(self.name, self.cfg.retry, batch, result, held=self.held)
+        await self.journal.record(verdict.outcomes)
+        self.handle.last_error = verdict.error
         self.metrics.child(self.metrics.sink_up, self.name).set(
-            0 if len(errors) == len(batch) else 1
+            0 if verdict.failed == len(batch) else 1
         )
-        await self._report(events, duration)
-
-    async def _report(self, events: Iterable[tuple[str, dict[str, Any]]], duration: float) -> None:
-        for outcome, ev in events:
-            m: Message = ev["message"]
-            self.metrics.child(self.metrics.deliveries, self.name, outcome).inc()
-            fields = dict(id=m.message_id, type=m.type, sink=self.name, attempt=m.attempt)
-            if outcome == "delivered":
-                self.metrics.child(self.metrics.delivery_seconds, self.name).observe(
-                    time.time() - m.received_at
-                )
-                log.info(kv("delivered", **fields, ms=round(duration * 1000, 1)))
-                await plugins.notify(
-                    self.pm,
-                    "router_message_delivered",
-                    message=m,
-                    sink=self.name,
-                    duration=duration,
-                )
-            elif outcome == "retry":
-                log.warning(kv("retry", **fields, error=ev["text"], retry_in=ev["retry_in"]))
-                await plugins.notify(
-                    self.pm,
-                    "router_delivery_failed",
-                    message=m,
-                    sink=self.name,
-                    error=ev["error"],
-                    retry_in=ev["retry_in"],
-                )
-            else:
-                log.error(kv("dead-letter", **fields, error=ev["text"]))
-                await plugins.notify(
-                    self.pm,
-                    "router_message_dead_lettered",
-                    message=m,
-                    sink=self.name,
-                    error=ev["error"],
-                )
+        await self._reporter.report(verdict.each, duration, self.pm)
 
 
 def router_id() -> str:

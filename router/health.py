@@ -109,7 +109,9 @@ async def readiness(rt: Runtime, probe: CommitProbe) -> str | None:
 def sink_states(runners: Mapping[str, SinkRunner]) -> dict[str, str]:
     """Each sink's state for ``/readyz``: ``up``, ``degraded`` (its last attempt failed) or
     ``down`` (not opened)."""
-    return {
-        name: "up" if r.opened and r.last_error is None else "degraded" if r.opened else "down"
-        for name, r in runners.items()
-    }
+    states = {}
+    for name, runner in runners.items():
+        sink = runner.handle
+        healthy = sink.last_error is None
+        states[name] = "down" if not sink.opened else "up" if healthy else "degraded"
+    return states

@@ -25,13 +25,8 @@ from router import (
     SinkOptions,
 )
 from router.config import Config
-from router.dispatcher import (
-    FRESH_BYTES,
-    FRESH_COUNT,
-    FRESH_ENTRY_BYTES,
-    Dispatcher,
-    SinkRunner,
-)
+from router.dispatcher import Dispatcher, SinkRunner
+from router.freshcache import FRESH_BYTES, FRESH_COUNT, FRESH_ENTRY_BYTES
 from router.journal.sqlite import SQLiteJournal as Journal
 from router.metrics import Metrics
 from router.testing import (
@@ -257,6 +252,57 @@ async def test_a_batch_partial_failure_retries_only_the_failed(
     assert sorted((mid, state, n) for mid, _, state, n, _ in deliveries(config)) == sorted(
         (mid, "delivered", 2 if mid in bad else 1) for mid in ids
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [
+        pytest.param(
+            {"someone-else": RetryableError("x")},
+            "RetryableError: send reported failures for 1 message id(s) not in the batch:"
+            " no message of the batch counts as delivered",
+            id="map-naming-an-id-not-in-the-batch",
+        ),
+        pytest.param(
+            ["m-1"],
+            "RetryableError: send returned a list, not None or a mapping of message ids to"
+            " exceptions: no message of the batch counts as delivered",
+            id="not-a-map",
+        ),
+    ],
+)
+async def test_a_send_result_breaking_the_contract_is_a_failure_not_a_success(
+    make_config: Callable[..., Config],
+    caplog: pytest.LogCaptureFixture,
+    first: object,
+    error: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    calls: list[tuple[str, int]] = []
+
+    class Sloppy(Sink[SinkOptions]):
+        type = "sloppy"
+
+        async def send(self, batch: Sequence[Message]) -> SendResult:
+            calls.extend((m.message_id, m.attempt) for m in batch)
+            return first if len(calls) == 1 else None  # type: ignore[return-value]
+
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(SinkPlugin(Sloppy), recorder),
+        default=["sloppy"],
+        sinks={"sloppy": {"type": "sloppy", "retry": FAST}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        r = await post(client, router.webhook_url, body_for(message_id="m-1"))
+        assert r.status_code == 200
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+
+    assert calls == [("m-1", 1), ("m-1", 2)]
+    assert recorder.failed == [("m-1", "sloppy", "RetryableError")]
+    assert recorder.delivered == [("m-1", "sloppy", 2)]
+    assert deliveries(config) == [("m-1", "sloppy", "delivered", 2, None)]
+    assert error in caplog.text  # the retry's log line says why
 
 
 async def test_an_unexpected_exception_in_send_is_retried_not_lost(
@@ -547,14 +593,14 @@ async def test_the_fresh_message_cache_is_bounded_by_count_and_bytes(
     many = runner()
     for seq in range(1, 100_001):
         offer(many, seq, small)
-    assert many.fresh_size == (FRESH_COUNT, FRESH_COUNT * (small.body_size + FRESH_ENTRY_BYTES))
+    assert many.fresh.size == (FRESH_COUNT, FRESH_COUNT * (small.body_size + FRESH_ENTRY_BYTES))
 
     # 64 KiB with the overhead: 256 fit in FRESH_BYTES (258 would, counting bodies alone).
     large = message_for(message_id="large", body=b"x" * (64 * 1024 - FRESH_ENTRY_BYTES))
     big = runner()
     for seq in range(1, 1001):
         offer(big, seq, large)
-    assert big.fresh_size == (FRESH_BYTES // (64 * 1024), FRESH_BYTES)
+    assert big.fresh.size == (FRESH_BYTES // (64 * 1024), FRESH_BYTES)
 
 
 async def test_a_send_longer_than_the_lease_keeps_its_claim(
