@@ -10,8 +10,10 @@ pydantic model (``Options``; unknown keys are errors), and implements::
 ``send`` receives up to ``batch_size`` messages (1 unless the sink or the YAML asks for more).
 To report a failure for the whole batch, raise ``RetryableError`` (try later) or
 ``PermanentError`` (dead-letter now). To report failures of some messages only, return a
-mapping ``{message_id: exception}``; messages not in it count as delivered. Any other exception
-is treated as retryable. The router applies the sink's ``timeout`` around each ``send`` call
+mapping ``{message_id: exception}``; messages not in it count as delivered. A mapping that
+names a message id not in the batch, or maps one to something not an exception, is the sink's
+error, not a success: the messages it leaves in doubt are retried (``router.outcomes``). Any
+other exception is treated as retryable. The router applies the sink's ``timeout`` around each ``send`` call
 and never calls ``send`` on one sink from more than ``concurrency`` tasks at once.
 """
 
