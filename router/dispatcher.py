@@ -30,7 +30,7 @@ from router import plugins
 from router.config import Config, SinkConfig
 from router.errors import JournalUnavailable
 from router.journal import FIRST_TOKEN, Claim, Journal, Outcome, RouterInfo
-from router.logs import kv
+from router.logs import emit, kv
 from router.message import Message
 from router.metrics import Metrics
 from router.retry import backoff, decide, describe_error
@@ -393,7 +393,7 @@ class SinkRunner:
                 self.metrics.child(self.metrics.delivery_seconds, self.name).observe(
                     time.time() - m.received_at
                 )
-                log.info(kv("delivered", **fields, ms=round(duration * 1000, 1)))
+                emit(log, logging.INFO, kv("delivered", **fields, ms=round(duration * 1000, 1)))
                 await plugins.notify(
                     self.pm,
                     "router_message_delivered",
