@@ -388,6 +388,34 @@ Report = Callable[
 ]
 
 
+def _report(
+    src: yamlsource.Source,
+    prefix: yamlsource.KeyPath,
+    error: ValidationError,
+    models: Mapping[yamlsource.KeyPath, type[BaseModel]],
+) -> None:
+    """pydantic's errors as problems, plainly (``load_config`` passes its own, finer one)."""
+    for item in error.errors(include_url=False):
+        src.problem((*prefix, *item["loc"]), item["msg"].removeprefix("Value error, "))
+
+
+def inventory(path: Path | None) -> tuple[Manager, list[str]]:
+    """The plugins a daemon would load for the configuration file ``path`` (its ``plugins:``
+    section alone is read, no secret) or, without one, the built-in and installed plugins;
+    and the problems loading them."""
+    if path is None:
+        problems: list[str] = []
+        pm = new_manager(problems=problems)
+        sink_types(pm)
+        return pm, problems
+    path = path.absolute()
+    src = yamlsource.load(path, secrets=False)
+    if not isinstance(src.data, dict):
+        src.data = {}
+    pm = build(src, entry_points=True, extra_plugins=(), context={"base_dir": path.parent})
+    return pm, [str(p) for p in sorted(src.problems, key=lambda p: p.line or 0)]
+
+
 def _fail(pm: Manager, src: yamlsource.Source, path: yamlsource.KeyPath, text: str) -> None:
     """A plugin failed to load: a problem, remembered as such (see ``unknown_sink_type``)."""
     pm.load_failures.append((len(src.problems), text))
@@ -400,7 +428,7 @@ def build(
     entry_points: bool,
     extra_plugins: Sequence[object],
     context: Mapping[str, Any],
-    report: Report,
+    report: Report | None = None,
 ) -> Manager:
     """The plugin part of loading a configuration: the manager with built-ins, installed
     plugins, the ``plugins:`` entries and ``extra_plugins``; the sink types; each plugin's
@@ -419,7 +447,7 @@ def build(
     _types, type_problems = sink_types(pm)
     for text in type_problems:
         src.problem(("plugins",), text)
-    _validate_options(pm, src, raw_options, context, report)
+    _validate_options(pm, src, raw_options, context, report or _report)
     return pm
 
 
