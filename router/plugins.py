@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import pluggy
@@ -642,12 +642,12 @@ async def notify(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
     """Call an observer hook through pluggy; a failure of any plugin is logged, never raised
     (each implementation is guarded at registration). An ``async`` implementation is awaited,
     each within ``OBSERVER_TIMEOUT`` seconds."""
-    await _call(getattr(pm.hook, hook), hook, kwargs)
+    caller = getattr(pm.hook, hook)
+    if caller.get_hookimpls():
+        await _call(caller, hook, kwargs)
 
 
-async def _call(caller: pluggy.HookCaller, hook: str, kwargs: Mapping[str, Any]) -> None:
-    if not caller.get_hookimpls():
-        return
+async def _call(caller: Callable[..., list[Any]], hook: str, kwargs: Mapping[str, Any]) -> None:
     try:
         results = caller(**kwargs)
     except Exception as e:  # a wrapper failed: pluggy's call itself
@@ -658,26 +658,39 @@ async def _call(caller: pluggy.HookCaller, hook: str, kwargs: Mapping[str, Any])
             await result  # guarded: see _awaited
 
 
-def _manager(config: Config) -> Manager | None:
-    pm = config.plugin_manager
-    return pm if isinstance(pm, Manager) else None
+def _subset(
+    pm: pluggy.PluginManager, hook: str, keep: Callable[[pluggy.HookImpl], bool]
+) -> Callable[..., list[Any]]:
+    """A hook call to some plugins only, through pluggy's own call path (its order, wrappers
+    and tracing apply). Not ``pm.subset_hook_caller``: that puts plugins in a set, and a
+    plugin object need not be hashable."""
+    caller: pluggy.HookCaller = getattr(pm.hook, hook)
+    impls = [impl for impl in caller.get_hookimpls() if keep(impl)]
+
+    def call(**kwargs: Any) -> list[Any]:
+        if not impls:
+            return []
+        return cast(list[Any], caller._hookexec(hook, impls, kwargs, False))
+
+    return call
+
+
+def _named(name: str, impl: pluggy.HookImpl) -> bool:
+    return impl.plugin_name == name
 
 
 def configure(config: Config) -> None:
     """Call ``router_configure`` of every plugin, each with its own options: when ``config``
     takes effect (at start, and right after a reload's switch, before anything awaits)."""
     pm = config.plugin_manager
-    for impl in pm.hook.router_configure.get_hookimpls():
-        if impl.hookwrapper or impl.wrapper:
-            continue
-        others = [p for name, p in pm.list_name_plugin() if name != impl.plugin_name]
-        caller = pm.subset_hook_caller("router_configure", others)
-        manager = _manager(config)
-        options = manager.options.get(impl.plugin_name) if manager else None
+    # In pluggy's call order (the last registered first, tryfirst/trylast honoured).
+    impls = reversed(pm.hook.router_configure.get_hookimpls())
+    for name in dict.fromkeys(impl.plugin_name for impl in impls):
+        call = _subset(pm, "router_configure", functools.partial(_named, name))
         try:
-            results = caller(config=config, options=options)
+            results = call(config=config, options=pm.options.get(name))
         except Exception as e:  # a wrapper of its own failed
-            _log_hook_error(impl.plugin_name, "router_configure", e)
+            _log_hook_error(name, "router_configure", e)
             continue
         for result in results:  # guarded at registration; async def refused there
             if inspect.iscoroutine(result):
@@ -688,27 +701,23 @@ async def startup(config: Config, *, only_new_since: Config | None = None) -> No
     """Call ``router_startup``: of every plugin at start, or after a reload of those the
     reload brought in (not in ``only_new_since``'s manager: a new plugin file, an edited file
     imported afresh)."""
-    pm = config.plugin_manager
     if only_new_since is None:
-        await _call(pm.hook.router_startup, "router_startup", {"config": config})
+        await notify(config.plugin_manager, "router_startup", config=config)
         return
     known = _plugins(only_new_since.plugin_manager)
-    old = [p for _, p in pm.list_name_plugin() if id(p) in known]
-    await _call(pm.subset_hook_caller("router_startup", old), "router_startup", {"config": config})
+    call = _subset(config.plugin_manager, "router_startup", lambda i: id(i.plugin) not in known)
+    await _call(call, "router_startup", {"config": config})
 
 
 async def shutdown(config: Config, *, only_gone_in: Config | None = None) -> None:
     """Call ``router_shutdown``: of every plugin when the daemon stops, or after a reload of
     those the reload dropped (not in ``only_gone_in``'s manager)."""
-    pm = config.plugin_manager
     if only_gone_in is None:
-        await _call(pm.hook.router_shutdown, "router_shutdown", {"config": config})
+        await notify(config.plugin_manager, "router_shutdown", config=config)
         return
     kept = _plugins(only_gone_in.plugin_manager)
-    stay = [p for _, p in pm.list_name_plugin() if id(p) in kept]
-    await _call(
-        pm.subset_hook_caller("router_shutdown", stay), "router_shutdown", {"config": config}
-    )
+    call = _subset(config.plugin_manager, "router_shutdown", lambda i: id(i.plugin) not in kept)
+    await _call(call, "router_shutdown", {"config": config})
 
 
 def departed(old: Config, new: Config) -> bool:
