@@ -16,8 +16,18 @@ import pytest
 from router import Message, PermanentError, RetryableError, SendResult, Sink, SinkOptions, hookimpl
 from router.config import Config, load_config
 from router.errors import ConfigError
-from router.testing import Recorder, SinkPlugin, body_for, eventually, running_router, write_config
-from tests.conftest import base_config, post, recording_sink
+from router.testing import (
+    Recorder,
+    RouterProcess,
+    SinkPlugin,
+    body_for,
+    eventually,
+    listening_socket,
+    running_router,
+    wait_until,
+    write_config,
+)
+from tests.conftest import base_config, post, recording_sink, signed
 from tests.test_cli import run as cli
 
 pytestmark = pytest.mark.anyio
@@ -456,6 +466,14 @@ def test_plugins_command_names_each_plugin_its_origin_sink_types_and_hooks(
     assert listed[file_plugin]["kind"] == "file"
     assert listed["plugins.kafka"]["kind"] == "built in"
 
+    # A plugin that fails to load: the others are still listed; the failure said; exit 2.
+    (tmp_path / "local" / "lines_plugin.py").write_text("import wr_no_such_module_here\n")
+    done = cli("plugins", "--config", str(path), env=env)
+    assert done.returncode == 2
+    assert "  audit  wr-audit 2.1 (entry point audit = wr_audit)" in done.stdout
+    assert f"plugin file {file_plugin} failed to import: ModuleNotFoundError" in done.stderr
+    assert "Traceback" not in done.stderr
+
     # Without a configuration: what every configuration on this host gets.
     done = cli("plugins", env={**env, "WEBHOOK_ROUTER_DISABLE_PLUGINS": "audit"})
     assert done.returncode == 0, done.stderr
@@ -813,3 +831,49 @@ def test_a_plugin_file_is_imported_under_its_path(tmp_path: Path) -> None:
     cls = config.sinks["l"].cls
     assert cls.__module__ == str(tmp_path / "lines_plugin.py")
     assert config.plugin_manager.provider("lines") == f"file {tmp_path / 'lines_plugin.py'}"
+
+
+FAILING_LIFECYCLE = """\
+from router import hookimpl
+
+
+@hookimpl
+async def router_startup(config):
+    raise RuntimeError("Jane Doe")
+
+
+@hookimpl
+def router_shutdown(config):
+    raise KeyError("Jane Doe")
+"""
+
+
+def test_a_daemon_whose_plugin_fails_to_start_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(FAILING_LIFECYCLE)
+    sock = listening_socket()
+    proc = RouterProcess(tmp_path / "config.yaml", sock)
+    out = tmp_path / "out.jsonl"
+    write_config(
+        tmp_path,
+        base_config(
+            tmp_path,
+            server={"listen": [proc.listen]},
+            plugins=["failing.py"],
+            sinks={"archive": {"type": "file", "path": str(out)}},
+        ),
+    )
+    try:
+        with proc:
+            body = body_for(message_id="m-1")
+            r = httpx.post(proc.base_url + "/webhook", content=body, headers=signed(body))
+            assert r.status_code == 200
+            wait_until(lambda: out.exists() and b"m-1" in out.read_bytes(), what="delivery")
+            assert proc.terminate() == 0, proc.logs()
+    finally:
+        sock.close()
+    logs = proc.logs()
+    assert f"plugin {plugin}: hook router_startup raised RuntimeError at {plugin}:6" in logs
+    assert f"plugin {plugin}: hook router_shutdown raised KeyError at {plugin}:11" in logs
+    assert "Jane" not in logs
+    assert "Traceback" not in logs
