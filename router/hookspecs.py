@@ -20,7 +20,9 @@ An exception in any of them is logged (plugin, hook, exception class, file:line;
 debug level) and never stops the daemon from starting, serving, reloading or stopping: the
 journal keeps every message, so a plugin that failed to start delays nothing but its own work.
 Each ``async`` implementation of ``router_startup`` and ``router_shutdown`` is awaited in turn
-within ``router.plugins.LIFECYCLE_TIMEOUT`` seconds (30), then given up (logged).
+within ``router.plugins.LIFECYCLE_TIMEOUT`` seconds (30), then given up (logged). A plain
+function runs on the event loop, with no deadline: keep it short (``async def`` for anything
+that waits).
 
 On a reload (SIGHUP) that is applied: the switch happens (routes, keys, sinks), then
 ``router_configure`` is called with the new configuration, before any new sink opens; then
