@@ -877,3 +877,38 @@ def test_a_daemon_whose_plugin_fails_to_start_serves_and_stops_cleanly(tmp_path:
     assert f"plugin {plugin}: hook router_shutdown raised KeyError at {plugin}:11" in logs
     assert "Jane" not in logs
     assert "Traceback" not in logs
+
+
+def test_an_installed_plugin_gets_its_options_by_its_entry_point_name(
+    tmp_path: Path, site: Path
+) -> None:
+    install(site, "wr-opts", "1.4", {"opts": "wr_opts"}, wr_opts=OPTIONS_PLUGIN)
+    env = {"PYTHONPATH": str(site)}
+    path = cli_config(tmp_path, "", plugins="\n  - opts:\n      tenant: acme\n")
+    done = cli("plugins", "--config", str(path), env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    at = lines.index("  opts  wr-opts 1.4 (entry point opts = wr_opts)")
+    assert "      options: tenant, level" in lines[at + 1 : at + 3]
+    assert "acme" not in done.stdout  # option names, never values
+
+    path = cli_config(tmp_path, "", plugins="\n  - opts:\n      tenant: acme\n      colour: red\n")
+    done = cli("check", "--config", str(path), env=env)
+    assert done.returncode == 2
+    assert problem_lines(done.stderr) == [
+        f"{path}:11: plugins[0].opts.colour: unknown key (allowed: level, tenant)"
+    ]
+    # Switched off: its options are not checked, and check says they are not used.
+    done = cli(
+        "check", "--config", str(path), env={**env, "WEBHOOK_ROUTER_DISABLE_PLUGINS": "opts"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: {path}:9: plugins[0].opts: plugin opts is switched off by"
+        " WEBHOOK_ROUTER_DISABLE_PLUGINS: not used"
+    ) in done.stdout
+    # Not configured at all: its required option is said, with what to add.
+    path = cli_config(tmp_path, "")
+    done = cli("check", "--config", str(path), env=env)
+    assert done.returncode == 2
+    assert "plugin opts needs options (tenant): add `- opts: {…}` under plugins:" in done.stderr
