@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import pluggy
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -331,7 +330,9 @@ class _Document(_Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     default: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = Field(min_length=1)
-    plugins: list[str] = Field(default_factory=list)
+    #: Plugin modules or files to load, each alone or with its options (``NAME: {…}``,
+    #: checked by ``router.plugins``).
+    plugins: list[str | dict[str, Any]] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -370,7 +371,7 @@ class Config:
     log: LogConfig
     routes: RouteTable
     sinks: Mapping[str, SinkConfig]
-    plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
+    plugin_manager: plugins.Manager = field(compare=False, repr=False)
     #: ``metriport:``, when configured.
     metriport: MetriportConfig | None = None
     warnings: tuple[str, ...] = ()
@@ -425,15 +426,9 @@ def load_config(
         raise ConfigError(src.problems)
     context = {"base_dir": path.parent}
 
-    pm = _plugin_manager(src, entry_points)
-    for i, plugin in enumerate(extra_plugins):
-        try:
-            plugins.register(pm, plugin, f"extra-{i}-{getattr(plugin, '__name__', 'plugin')}")
-        except plugins.PluginLoadError as e:
-            src.problem((), str(e))
-    types, type_problems = plugins.sink_types(pm)
-    for text in type_problems:
-        src.problem(("plugins",), text)
+    pm = plugins.build(
+        src, entry_points=entry_points, extra_plugins=extra_plugins, context=context, report=_report
+    )
 
     doc: _Document | None = None
     try:
@@ -445,7 +440,7 @@ def load_config(
     raw_sinks = src.data.get("sinks")
     if isinstance(raw_sinks, dict):
         for name, raw in raw_sinks.items():
-            sink = _sink(src, name, raw, types, context)
+            sink = _sink(src, name, raw, pm, context)
             if sink is not None:
                 sinks[name] = sink
 
@@ -507,27 +502,11 @@ def _local(address: str) -> bool:
         return False
 
 
-def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:
-    problems: list[str] = []
-    pm = plugins.new_manager(entry_points=entry_points, problems=problems)
-    for text in problems:
-        src.problem((), text)
-    names = src.data.get("plugins") or []
-    if isinstance(names, list):
-        for i, spec in enumerate(names):
-            if isinstance(spec, str):
-                try:
-                    plugins.load_named(pm, spec, Path(src.file).parent)
-                except plugins.PluginLoadError as e:
-                    src.problem(("plugins", i), str(e))
-    return pm
-
-
 def _sink(
     src: yamlsource.Source,
     name: str,
     raw: Any,
-    types: Mapping[str, type[Sink[Any]]],
+    pm: plugins.Manager,
     context: dict[str, Any],
 ) -> SinkConfig | None:
     path: yamlsource.KeyPath = ("sinks", name)
@@ -536,11 +515,13 @@ def _sink(
     if not isinstance(raw, dict):
         return None  # reported by the document model
     type_name = raw.get("type")
-    cls = types.get(type_name) if isinstance(type_name, str) else None
+    cls = pm.sink_types.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        known = ", ".join(sorted(types)) or "none"
+        known = ", ".join(sorted(pm.sink_types)) or "none"
         if "type" not in raw:
             src.problem(path, f"missing key 'type' (one of: {known})")
+        elif isinstance(type_name, str):
+            plugins.unknown_sink_type(pm, src, (*path, "type"), type_name)
         else:
             src.problem((*path, "type"), f"unknown sink type {type_name!r} (known: {known})")
     common: SinkCommon | None = None
