@@ -1,0 +1,182 @@
+"""The plugin author's API: body access that never does disk I/O on the event loop, parsed
+bodies, ``router.testing.make_sink``, metrics and logging for sinks, partial-failure maps, and
+the public surface (``router.__all__``, what the built-in sinks import).
+
+Body files are watched with an audit hook (``sys.addaudithook``): every ``open`` of a file in
+the journal's ``bodies/`` folder is recorded with the thread that made it, so a test can say
+truthfully that no body file was opened on the event loop's thread, and that it was opened at
+all (elsewhere), instead of guessing from timings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.config import Config
+from router.message import BodyNotInMemory, Message
+from router.spool import SPOOL_THRESHOLD
+from router.testing import Recorder, body_for, running_router
+from tests.conftest import post
+from tests.http_peer import HttpPeer
+from tests.kafka_peer import TansuBroker
+
+pytestmark = pytest.mark.anyio
+
+
+class _Opens:
+    """The ``open`` calls made on files under ``folder`` while watching: (path, thread id)."""
+
+    #: The watches the audit hook feeds (the hook is installed once per process).
+    watching: list[_Opens] = []
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+        self.calls: list[tuple[str, int]] = []
+
+    def on_loop(self, loop_thread: int) -> list[str]:
+        return [path for path, thread in self.calls if thread == loop_thread]
+
+    def off_loop(self, loop_thread: int) -> list[str]:
+        return [path for path, thread in self.calls if thread != loop_thread]
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event != "open" or not _Opens.watching or not isinstance(args[0], str | bytes | Path):
+        return
+    path = os.fsdecode(args[0])
+    for watch in _Opens.watching:
+        if path.startswith(watch.folder):
+            watch.calls.append((path, threading.get_ident()))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed: this one is idle unless watching
+
+
+@pytest.fixture
+def body_opens(tmp_path: Path) -> Iterator[Callable[[Path], _Opens]]:
+    def watch(folder: Path) -> _Opens:
+        opens = _Opens(folder)
+        _Opens.watching.append(opens)
+        return opens
+
+    yield watch
+    _Opens.watching.clear()
+
+
+def big_body(message_id: str, size: int = 2 * SPOOL_THRESHOLD) -> bytes:
+    """A body past the spool threshold (kept in a file), with patients to summarise."""
+    entry = {"resource": {"resourceType": "Observation", "note": "x" * 1000}}
+    n = size // 1050
+    body = body_for(
+        "medical.consolidated-data",
+        message_id,
+        patients=[{"patientId": "p-1", "status": "completed", "bundle": {"entry": [entry] * n}}],
+    )
+    assert len(body) > SPOOL_THRESHOLD
+    return body
+
+
+# -- Bug 4: no body file is read on the event loop -------------------------------------------
+
+
+async def test_slack_and_kafka_never_read_a_spooled_body_on_the_event_loop(
+    make_config: Callable[..., Config], tmp_path: Path, body_opens: Callable[[Path], _Opens]
+) -> None:
+    recorder = Recorder()
+    loop_thread = threading.get_ident()  # running_router runs the daemon in this loop
+    with TansuBroker(tmp_path) as broker, HttpPeer() as slack:
+        config = make_config(
+            extra_plugins=(recorder,),
+            default=["chat", "bus"],
+            sinks={
+                "chat": {"type": "slack", "webhook_url": slack.url("/services/T/B/hook")},
+                "bus": {
+                    "type": "kafka",
+                    "bootstrap_servers": broker.bootstrap,
+                    "topic": "big",
+                    "max_message_bytes": 8 * SPOOL_THRESHOLD,
+                },
+            },
+        )
+        opens = body_opens(config.journal.path / "bodies")
+        body = big_body("big-1")
+        async with running_router(config) as router, httpx.AsyncClient(timeout=60) as client:
+            assert (await post(client, router.webhook_url, body)).status_code == 200
+            await recorder.wait_for(lambda r: len(r.delivered) == 2 or bool(r.failed))
+        assert recorder.failed == []
+        (request,) = slack.requests
+    # The Slack summary was made from the parsed body (so the file was read) ...
+    assert b"patients: 1" in request.body and b"completed" in request.body
+    # ... both sinks read the file, and no read of it happened on the event loop's thread.
+    assert len(opens.off_loop(loop_thread)) >= 2, opens.calls
+    assert opens.on_loop(loop_thread) == []
+
+
+# -- Message's accessors ------------------------------------------------------------------------
+
+
+def spooled(tmp_path: Path, body: bytes) -> Message:
+    path = tmp_path / "bodies" / "1.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(body)
+    return Message("m-1", "patient.admit", None, body_file=path, body_size=len(body))
+
+
+async def test_the_synchronous_accessors_refuse_a_body_in_a_file_saying_what_to_use(
+    tmp_path: Path, body_opens: Callable[[Path], _Opens]
+) -> None:
+    message = spooled(tmp_path, body_for("patient.admit", "m-1"))
+    opens = body_opens(tmp_path / "bodies")
+    with pytest.raises(BodyNotInMemory, match=r"use await message\.read_body\(\)"):
+        _ = message.body
+    with pytest.raises(BodyNotInMemory, match=r"use await message\.read_json\(\)"):
+        message.json()
+    assert opens.calls == []  # refused without touching the file
+    # Retryable, so a sink that uses them on a large body delays its messages, never loses them.
+    from router import RetryableError
+
+    assert isinstance(BodyNotInMemory("body", 1), RetryableError)
+
+
+async def test_the_async_accessors_read_any_body_in_worker_threads(
+    tmp_path: Path, body_opens: Callable[[Path], _Opens]
+) -> None:
+    body = b"\xef\xbb\xbf" + body_for("patient.admit", "m-1", patients=[{"n": 1}, {"n": 2.5}])
+    message = spooled(tmp_path, body)
+    in_memory = Message("m-1", "patient.admit", None, body)
+    opens = body_opens(tmp_path / "bodies")
+    loop_thread = threading.get_ident()
+
+    assert await message.read_body() == body
+    assert (await message.read_json())["patients"] == [{"n": 1}, {"n": 2.5}]
+    assert [b"".join([c async for c in message.aiter_body(7)])] == [body]
+    for m in (message, in_memory):
+        # A small chunk size: values and the BOM cross chunk boundaries.
+        assert [v async for v in m.aiter_json("patients.item", size=2)] == [{"n": 1}, {"n": 2.5}]
+        assert [v async for v in m.aiter_json("meta.messageId")] == ["m-1"]
+    assert len(opens.calls) == 5 and opens.on_loop(loop_thread) == []
+
+
+async def test_json_is_parsed_once_and_shared_by_later_attempts() -> None:
+    message = Message("m-1", "patient.admit", None, body_for("patient.admit", "m-1"))
+    doc = message.json()
+    assert doc["meta"]["messageId"] == "m-1"
+    assert message.json() is doc
+    assert await message.read_json() is doc
+    assert message.with_attempt(2).json() is doc
+
+
+async def test_a_body_that_is_not_json_is_a_value_error_from_every_parser(tmp_path: Path) -> None:
+    for message in (Message("m", "t", None, b'{"a": [1,'), spooled(tmp_path, b'{"a": [1,')):
+        with pytest.raises(ValueError, match="not valid JSON"):
+            _ = [v async for v in message.aiter_json("a.item")]
+        with pytest.raises(ValueError):
+            await message.read_json()
