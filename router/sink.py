@@ -10,7 +10,10 @@ pydantic model (``Options``; unknown keys are errors), and implements::
 ``send`` receives up to ``batch_size`` messages (1 unless the sink or the YAML asks for more).
 To report a failure for the whole batch, raise ``RetryableError`` (try later) or
 ``PermanentError`` (dead-letter now). To report failures of some messages only, return a
-mapping ``{message_id: exception}``; messages not in it count as delivered. Any other exception
+mapping ``{message_id: exception}``; messages not in it count as delivered. A mapping that
+names an id not in the batch (or maps one to something that is not an exception), or a result
+that is neither a mapping nor ``None``, is a bug in the sink: the whole batch then fails,
+retryably, saying so (see ``batch_errors``), never a silent success. Any other exception
 is treated as retryable. The router applies the sink's ``timeout`` around each ``send`` call
 and never calls ``send`` on one sink from more than ``concurrency`` tasks at once.
 """
@@ -25,6 +28,7 @@ from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from router.errors import RetryableError
 from router.message import Message
 
 
@@ -94,3 +98,32 @@ class Sink(Generic[OptionsT]):
     def describe(self) -> str:
         """A one-line, secret-free description for ``check`` and logs."""
         return self.type
+
+
+def batch_errors(result: object, batch: Sequence[Message]) -> dict[str, BaseException]:
+    """What ``send`` returning ``result`` for ``batch`` means: the failed messages' errors by id
+    (the others were delivered).
+
+    A result the contract does not allow fails every message of the batch with a
+    ``RetryableError`` naming the mistake: a map naming an id not in the batch most likely
+    means the sink confused its messages, so none of its successes can be trusted; retrying
+    keeps the messages until the sink is fixed (or their retries run out)."""
+    if result is None:
+        return {}
+    problem = _malformed(result, {m.message_id for m in batch})
+    if problem is not None:
+        error = RetryableError(f"sink broke the send contract: {problem}")
+        return {m.message_id: error for m in batch}
+    assert isinstance(result, Mapping)
+    return dict(result)
+
+
+def _malformed(result: object, ids: set[str]) -> str | None:
+    if not isinstance(result, Mapping):
+        return f"send returned a {type(result).__name__}, not a mapping of failures or None"
+    strays = [k for k in result if k not in ids]
+    if strays:
+        return f"its failure map names {len(strays)} message id(s) not in the batch"
+    if not all(isinstance(v, BaseException) for v in result.values()):
+        return "its failure map holds a value that is not an exception"
+    return None

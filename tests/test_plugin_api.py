@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
+from router import PermanentError, SendResult, Sink, SinkOptions
 from router.config import Config
 from router.message import BodyNotInMemory, Message
 from router.spool import SPOOL_THRESHOLD
-from router.testing import Recorder, body_for, running_router
-from tests.conftest import post
+from router.testing import Recorder, SinkPlugin, body_for, running_router
+from tests.conftest import deliveries, post
 from tests.http_peer import HttpPeer
 from tests.kafka_peer import TansuBroker
 
@@ -180,3 +181,53 @@ async def test_a_body_that_is_not_json_is_a_value_error_from_every_parser(tmp_pa
             _ = [v async for v in message.aiter_json("a.item")]
         with pytest.raises(ValueError):
             await message.read_json()
+
+
+# -- The partial-failure map ----------------------------------------------------------------
+
+
+class _Confused(Sink[SinkOptions]):
+    """Returns a failure map naming a message that is not in the batch (or another malformed
+    result), as a sink that mixed up its batches would."""
+
+    type = "confused"
+    results: ClassVar[dict[str, Any]] = {
+        "stray": lambda batch: {"not-" + batch[0].message_id: PermanentError("x")},
+        "not-an-exception": lambda batch: {batch[0].message_id: "failed"},
+        "not-a-mapping": lambda batch: [m.message_id for m in batch],
+    }
+
+    async def send(self, batch: Sequence[Message]) -> SendResult:
+        result: SendResult = self.results[self.name](batch)
+        return result
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("stray", "its failure map names 1 message id(s) not in the batch"),
+        ("not-an-exception", "its failure map holds a value that is not an exception"),
+        ("not-a-mapping", "send returned a list, not a mapping of failures or None"),
+    ],
+)
+async def test_a_malformed_partial_failure_map_fails_the_batch_never_a_silent_success(
+    make_config: Callable[..., Config], case: str, says: str
+) -> None:
+    recorder = Recorder()
+    config = make_config(
+        extra_plugins=(recorder, SinkPlugin(_Confused)),
+        default=[case],
+        sinks={case: {"type": "confused", "retry": {"max_attempts": 2, "initial": "10ms"}}},
+    )
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        for i in range(2):
+            r = await post(client, router.webhook_url, body_for(message_id=f"m-{i}"))
+            assert r.status_code == 200
+        await recorder.wait_for(lambda r: len(r.dead) == 2)
+    assert recorder.delivered == []
+    assert len(recorder.failed) == 2  # the first attempt of each was retried, as a failure
+    expected = f"RetryableError: sink broke the send contract: {says}"
+    assert deliveries(config) == [
+        ("m-0", case, "dead", 2, expected),
+        ("m-1", case, "dead", 2, expected),
+    ]
