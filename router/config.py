@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pluggy
+from prometheus_client import CollectorRegistry
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -346,7 +347,8 @@ class SinkConfig:
     batch_size: int
     ordered: bool
 
-    def context(self, base_dir: Path) -> SinkContext:
+    def context(self, base_dir: Path, registry: CollectorRegistry | None = None) -> SinkContext:
+        """What the sink is told; ``registry``: the running router's metrics registry."""
         return SinkContext(
             name=self.name,
             base_dir=base_dir,
@@ -354,11 +356,12 @@ class SinkConfig:
             concurrency=self.concurrency,
             batch_size=self.batch_size,
             ordered=self.ordered,
+            registry=registry or CollectorRegistry(),
         )
 
-    def build(self, base_dir: Path) -> Sink[Any]:
+    def build(self, base_dir: Path, registry: CollectorRegistry | None = None) -> Sink[Any]:
         """A new sink instance (not yet opened)."""
-        return self.cls(self.options, self.context(base_dir))
+        return self.cls(self.options, self.context(base_dir, registry))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ all (elsewhere), instead of guessing from timings.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,13 +21,23 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
-from router import PermanentError, SendResult, Sink, SinkOptions
-from router.config import Config
+from router import PermanentError, SendResult, Sink, SinkContext, SinkOptions
+from router.config import Config, load_config
 from router.message import BodyNotInMemory, Message
 from router.spool import SPOOL_THRESHOLD
-from router.testing import Recorder, SinkPlugin, body_for, running_router
-from tests.conftest import deliveries, post
+from router.testing import (
+    Recorder,
+    RouterProcess,
+    SinkPlugin,
+    body_for,
+    listening_socket,
+    running_router,
+    wait_until,
+    write_config,
+)
+from tests.conftest import base_config, deliveries, post, signed
 from tests.http_peer import HttpPeer
 from tests.kafka_peer import TansuBroker
 
@@ -231,3 +243,127 @@ async def test_a_malformed_partial_failure_map_fails_the_batch_never_a_silent_su
         ("m-0", case, "dead", 2, expected),
         ("m-1", case, "dead", 2, expected),
     ]
+
+
+# -- Metrics and logging for sinks ------------------------------------------------------------
+
+METERED_PLUGIN = """
+import os
+
+from router import Sink, SinkOptions, hookimpl
+
+
+class MeteredSink(Sink[SinkOptions]):
+    type = "metered"
+
+    def __init__(self, options, context):
+        super().__init__(options, context)
+        self.sent = context.metrics.counter("metered_sent", "Messages taken.", ["kind"])
+        self.log = context.logger
+
+    async def send(self, batch):
+        for message in batch:
+            self.sent.labels(kind=message.type).inc()
+            self.log.info("took", id=message.message_id, pid=os.getpid())
+
+
+@hookimpl
+def router_sink_types():
+    return [MeteredSink]
+"""
+
+
+def metered_config(directory: Path, listen: str, **server: Any) -> dict[str, Any]:
+    (directory / "metered.py").write_text(METERED_PLUGIN)
+    return base_config(
+        directory,
+        server={"listen": [listen], **server},
+        plugins=["./metered.py"],
+        default=["meter"],
+        sinks={"meter": {"type": "metered"}},
+    )
+
+
+def metered_sent(metrics_text: str) -> float:
+    """The sum of the plugin's counter over its series in a /metrics answer."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith('metered_sent_total{kind="patient.admit",sink="meter"}')
+    )
+
+
+async def test_a_sinks_metrics_reach_metrics_and_survive_a_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="router.sink")
+    doc = metered_config(tmp_path, "127.0.0.1:0")
+    config = load_config(write_config(tmp_path, doc), extra_plugins=[recorder := Recorder()])
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        assert (await post(client, router.webhook_url, body_for(message_id="m-1"))).is_success
+        await recorder.wait_for(lambda r: len(r.delivered) == 1)
+        scraped = (await client.get(router.base_url + "/metrics")).text
+        assert metered_sent(scraped) == 1
+        assert "# HELP metered_sent_total Messages taken." in scraped
+        (line,) = [r for r in caplog.records if r.name == "router.sink.meter"]
+        assert line.getMessage() == f"took sink=meter id=m-1 pid={os.getpid()}"
+
+        # A changed sink is rebuilt: it gets the metric it registered before, counting on.
+        doc["sinks"]["meter"]["timeout"] = "5s"
+        write_config(tmp_path, doc)
+        assert await router.reload()
+        assert (await post(client, router.webhook_url, body_for(message_id="m-2"))).is_success
+        await recorder.wait_for(lambda r: len(r.delivered) == 2)
+        assert metered_sent((await client.get(router.base_url + "/metrics")).text) == 2
+
+
+def test_a_sinks_metrics_add_up_over_workers_and_its_log_lines_name_it(tmp_path: Path) -> None:
+    sock = listening_socket()
+    proc = RouterProcess(tmp_path / "config.yaml", sock)
+    try:
+        write_config(tmp_path, metered_config(tmp_path, proc.listen, workers=2))
+        proc.start()
+        ids: list[str] = []
+
+        def took() -> dict[str, str]:
+            """Message id → pid of the worker whose sink took it, from the sink's log lines."""
+            return dict(re.findall(r"took sink=meter id=(m-\d+) pid=(\d+)", proc.logs()))
+
+        with httpx.Client(timeout=10) as client:
+            # New connections, until both workers' sinks took some (the kernel spreads them).
+            while len(set(took().values())) < 2:
+                assert len(ids) < 500, "every message went to one worker"
+                ids.append(f"m-{len(ids)}")
+                body = body_for(message_id=ids[-1])
+                headers = {**signed(body), "connection": "close"}
+                r = client.post(proc.base_url + "/webhook", content=body, headers=headers)
+                assert r.status_code == 200
+                wait_until(lambda: ids[-1] in took(), 30, "the sink to take it")
+            # One /metrics for the service: whichever worker answers counts both workers'.
+            for _ in range(4):
+                assert metered_sent(client.get(proc.base_url + "/metrics").text) == len(ids)
+        assert sorted(took()) == sorted(ids)
+        assert proc.terminate() == 0
+    finally:
+        proc.kill()
+        sock.close()
+
+
+def test_sink_metrics_are_idempotent_and_refuse_clashes() -> None:
+    registry = CollectorRegistry()
+    a, b = (
+        SinkContext("a", Path("."), 1, 1, 1, registry=registry),
+        SinkContext("b", Path("."), 1, 1, 1, registry=registry),
+    )
+    first = a.metrics.counter("things", "Things.", ["kind"])
+    assert b.metrics.counter("things", "Things.", ["kind"]).metric is first.metric
+    first.labels(kind="x").inc()
+    b.metrics.counter("things", "Things.", ["kind"]).labels("x").inc(2)
+    assert registry.get_sample_value("things_total", {"sink": "a", "kind": "x"}) == 1
+    assert registry.get_sample_value("things_total", {"sink": "b", "kind": "x"}) == 2
+    with pytest.raises(ValueError, match="already registered as a counter with labels"):
+        a.metrics.gauge("things", "Things.")
+    with pytest.raises(ValueError, match="webhook_router_ is the router's"):
+        a.metrics.counter("webhook_router_deliveries", "Mine.")
+    with pytest.raises(ValueError, match="invalid metric name"):
+        a.metrics.histogram("bad-name", "Bad.")
