@@ -70,8 +70,7 @@ from router import (
     __version__,
     hookimpl,
 )
-from router.durable import fsync_dir, write_all
-from router.routing import matches
+from router.sinkutils import fsync_dir, matches, write_all
 
 log = logging.getLogger(__name__)
 

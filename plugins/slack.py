@@ -47,7 +47,7 @@ from router import (
     SinkOptions,
     hookimpl,
 )
-from router.routing import matches
+from router.sinkutils import matches
 
 #: Titles by type pattern; the first match wins. ``{status}`` is filled from the payload.
 TITLES: tuple[tuple[str, str], ...] = (
