@@ -25,7 +25,7 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -199,9 +199,6 @@ class SinkLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             text = text.encode("unicode_escape").decode("ascii")
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._OWN}
         self.logger.log(level, kv(text, sink=self.sink, **fields), **kwargs)
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        return msg, kwargs
 
 
 class SinkOptions(BaseModel):

@@ -541,3 +541,16 @@ def test_the_built_in_sinks_use_only_the_public_api() -> None:
     # The check itself sees a private import (so it cannot pass by seeing nothing).
     probe = ROOT / "plugins" / "file.py"
     assert ("router", "Sink") in router_imports(probe)
+
+
+def test_a_sink_logger_names_the_sink_and_escapes_control_characters(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="router.sink")
+    log = SinkContext("audit", Path("."), 1, 1, 1).logger
+    log.warning("answered %d\nforged line", 503, id="m-1")
+    log.debug("quiet")
+    (warning, debug) = caplog.records
+    assert warning.name == "router.sink.audit" and warning.levelno == logging.WARNING
+    assert warning.getMessage() == "answered 503\\nforged line sink=audit id=m-1"
+    assert debug.getMessage() == "quiet sink=audit"
