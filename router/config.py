@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from prometheus_client import CollectorRegistry
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -347,7 +348,8 @@ class SinkConfig:
     batch_size: int
     ordered: bool
 
-    def context(self, base_dir: Path) -> SinkContext:
+    def context(self, base_dir: Path, registry: CollectorRegistry | None = None) -> SinkContext:
+        """What the sink is told; ``registry``: the running router's metrics registry."""
         return SinkContext(
             name=self.name,
             base_dir=base_dir,
@@ -355,11 +357,12 @@ class SinkConfig:
             concurrency=self.concurrency,
             batch_size=self.batch_size,
             ordered=self.ordered,
+            registry=registry or CollectorRegistry(),
         )
 
-    def build(self, base_dir: Path) -> Sink[Any]:
+    def build(self, base_dir: Path, registry: CollectorRegistry | None = None) -> Sink[Any]:
         """A new sink instance (not yet opened)."""
-        return self.cls(self.options, self.context(base_dir))
+        return self.cls(self.options, self.context(base_dir, registry))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from router.logs import emit, kv
 from router.message import Message
 from router.metrics import Metrics
 from router.retry import backoff, decide, describe_error
-from router.sink import Sink
+from router.sink import Sink, batch_errors
 
 log = logging.getLogger("router.delivery")
 
@@ -340,7 +340,7 @@ class SinkRunner:
         try:
             with anyio.fail_after(self.cfg.timeout):
                 result = await self.sink.send(messages)
-            errors = dict(result or {})
+            errors = batch_errors(result, messages)
         except Exception as e:
             errors = {m.message_id: e for m in messages}
         duration = time.monotonic() - start
@@ -448,7 +448,7 @@ class Dispatcher:
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(
             cfg,
-            cfg.build(config.base_dir),
+            cfg.build(config.base_dir, self.metrics.registry),
             self.journal,
             config.plugin_manager,
             self.metrics,
