@@ -51,11 +51,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check router plugins tests
 	$(BIN)/mypy
 
-## check-monitoring: promtool checks monitoring/alerts.yml and runs its unit tests
-## (monitoring/alerts_test.yml); tests/test_monitoring.py checks the dashboard and the metric names
+## check-monitoring: promtool checks monitoring/alerts.yml, runs its unit tests
+## (monitoring/alerts_test.yml) and checks the example monitoring/prometheus.yml;
+## tests/test_monitoring.py checks the dashboard and the metric names
 check-monitoring: $(BIN)/promtool
 	$(BIN)/promtool check rules monitoring/alerts.yml
 	$(BIN)/promtool test rules monitoring/alerts_test.yml
+	$(BIN)/promtool check config monitoring/prometheus.yml
 
 # promtool is the one on PATH if there is one, else Debian's (package prometheus): downloaded
 # and unpacked into .venv/bin, installed nowhere else, so no root is needed (root runs
