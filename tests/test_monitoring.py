@@ -4,15 +4,20 @@ is one the router really exports, with the labels they use: scraped from the rea
 ``webhook-router serve`` on one process and on two workers (prometheus-client's multiprocess
 mode, where a metric nobody has touched yet is not listed at all).
 
-PromQL is parsed with a real PromQL parser (promql-parser), not with regular expressions.
-promtool checks the rules themselves and runs their unit tests (``monitoring/alerts_test.yml``)
-in ``make check-monitoring``, which ``make test`` runs before pytest.
+PromQL is parsed with a real PromQL parser (promql-parser), not with regular expressions. Then
+a real Prometheus scrapes a real router whose sinks fail in two ways, evaluates ``alerts.yml``
+and answers every panel's query. promtool checks the rules themselves and runs their unit tests
+(``monitoring/alerts_test.yml``) in ``make check-monitoring``, which ``make test`` runs before
+pytest and which installs the ``prometheus`` binary this test runs.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.testing import RouterProcess, body_for, listening_socket, wait_until, write_config
 from tests.conftest import TEST_KEY, signed
+from tests.http_peer import HttpPeer, Reply
 
 MONITORING = Path(__file__).parent.parent / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -333,3 +339,152 @@ def test_the_check_finds_a_misspelt_series_and_a_missing_label() -> None:
         check_expression("matcher", 'webhook_router_journal_bytes{sink="a"}', exported)
     with pytest.raises(AssertionError, match=re.escape("by {'sink'}")):
         check_expression("by", "max by (sink) (webhook_router_journal_bytes)", exported)
+
+
+# -- the rules and the dashboard on a real Prometheus --------------------------------------------
+
+#: Panels whose query is empty while nothing fails: no 503 has been answered, and no blackbox
+#: exporter probes /readyz here.
+EMPTY_WHEN_HEALTHY = ('status="503"', "probe_success")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Prometheus:
+    """The real Prometheus server (``make check-monitoring`` puts it beside the venv's Python)
+    on a loopback port, scraping every second and loading ``monitoring/alerts.yml``."""
+
+    def __init__(self, tmp: Path, targets: list[str]) -> None:
+        binary = Path(sys.executable).parent / "prometheus"
+        if not binary.exists():
+            pytest.fail(f"{binary} is missing: `make check-monitoring` installs it")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [
+                {"job_name": "webhook-router", "static_configs": [{"targets": targets}]}
+            ],
+        }
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = tmp / "prometheus.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(binary),
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(self._ready, 30, f"Prometheus ready (log: {self.log})")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            return httpx.get(self.url + "/-/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        response = httpx.get(self.url + "/api/v1/query", params={"query": expr})
+        assert response.status_code == 200, (expr, response.text)
+        result: list[dict[str, Any]] = response.json()["data"]["result"]
+        return result
+
+    def alerts(self) -> set[tuple[str, str]]:
+        """(alert name, the sink or else the instance it is about), pending or firing."""
+        found = httpx.get(self.url + "/api/v1/alerts").json()["data"]["alerts"]
+        return {
+            (a["labels"]["alertname"], a["labels"].get("sink") or a["labels"]["instance"])
+            for a in found
+        }
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def grafana_filled(expr: str) -> str:
+    """The expression as Grafana sends it with every router and sink selected."""
+    values = {
+        "job": "webhook-router",
+        "instance": ".*",
+        "sink": ".*",
+        "readyz_job": "webhook-router-readyz",
+        "__rate_interval": "1m",
+    }
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m[1]], expr)
+
+
+def test_the_rules_and_the_dashboard_on_a_real_prometheus_scraping_a_real_router(
+    router: RouterProcess, tmp_path: Path
+) -> None:
+    """Prometheus scrapes a router with a working sink, a sink whose peer refuses (422: a dead
+    letter, and its last send failed) and a sink whose peer is gone, plus an address where no
+    router runs. Exactly the alerts about those go pending (their ``for:`` is longer than the
+    test), and every panel's query has data but those that only show trouble not made here."""
+    # Bound, never listening: connections to it are refused.
+    with socket.socket() as gone, HttpPeer(lambda _: Reply(422)) as refusing:
+        gone.bind(("127.0.0.1", 0))
+        gone_at = f"127.0.0.1:{gone.getsockname()[1]}"
+        write_config(
+            tmp_path,
+            {
+                "server": {"listen": [router.listen]},
+                "auth": {"keys": [TEST_KEY]},
+                "journal": {"path": "journal"},
+                "default": ["archive", "refusing", "unreachable"],
+                "sinks": {
+                    "archive": {"type": "file", "path": "out/{type}.jsonl"},
+                    "refusing": {"type": "http", "url": refusing.url("/in")},
+                    "unreachable": {"type": "http", "url": f"http://{gone_at}/in"},
+                },
+            },
+        )
+        router.start()
+        url = router.base_url + "/webhook"
+        body = body_for("patient.admit")
+        assert httpx.post(url, content=body, headers=signed(body)).status_code == 200
+        assert httpx.post(url, content=body, headers=signed(body, "wrong")).status_code == 401
+        at = router.base_url.removeprefix("http://")
+        prometheus = Prometheus(tmp_path, [at, gone_at])
+        try:
+            expected = {
+                ("WebhookRouterDeadLetters", "refusing"),
+                ("WebhookRouterSinkDown", "refusing"),
+                ("WebhookRouterSinkDown", "unreachable"),
+                ("WebhookRouterDown", gone_at),
+            }
+            try:
+                wait_until(lambda: expected <= prometheus.alerts(), 60, "the alerts")
+            except TimeoutError:
+                pytest.fail(f"pending or firing: {prometheus.alerts()}, expected {expected}")
+            panels = [(w, e) for w, e in expressions() if not w.startswith("alert")]
+            quiet = [(w, e) for w, e in panels if any(s in e for s in EMPTY_WHEN_HEALTHY)]
+            wanted = [(w, e) for w, e in panels if (w, e) not in quiet]
+
+            def empty() -> list[str]:
+                return [w for w, e in wanted if not prometheus.query(grafana_filled(e))]
+
+            try:
+                wait_until(lambda: not empty(), 60, "data for every panel")
+            except TimeoutError:
+                pytest.fail(f"no data for {empty()}")
+            alerts = prometheus.alerts()
+            assert not [q for q in quiet if prometheus.query(grafana_filled(q[1]))]
+        finally:
+            prometheus.close()
+        assert router.terminate() == 0
+    assert alerts == expected
