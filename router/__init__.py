@@ -9,6 +9,7 @@ from router.config import ConfigPath, Duration, load_config
 from router.errors import ConfigError, PermanentError, RetryableError, SinkError
 from router.hookspecs import hookimpl
 from router.message import BodyNotInMemory, Message
+from router.plugins import PluginOptions
 from router.sink import (
     SendResult,
     Sink,
@@ -28,6 +29,7 @@ __all__ = [
     "Duration",
     "Message",
     "PermanentError",
+    "PluginOptions",
     "RetryableError",
     "SendResult",
     "Sink",
