@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-config clean soak bench bench-quick bench-profile bench-soak bench-workers bench-postgres bench-tools
+.PHONY: run test lint check-monitoring check-config clean soak bench bench-quick bench-profile bench-soak bench-workers bench-postgres bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,9 @@ run: $(VENV)/.installed
 	@echo "================================================================================"
 	METRIPORT_WEBHOOK_KEY=$(DEV_KEY) $(BIN)/webhook-router serve --config config.example.yaml
 
-## test: install into .venv with test extras, lint and type-check, run the whole test suite
-test: $(VENV)/.installed-test lint
+## test: install into .venv with test extras, lint and type-check, check the alert rules, run
+## the whole test suite
+test: $(VENV)/.installed-test lint check-monitoring
 	$(BIN)/python -m pytest
 
 ## soak: the fault tests with big numbers, then the long fuzz run; not part of `make test`
@@ -49,6 +50,47 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check router plugins tests
 	$(BIN)/ruff format --check router plugins tests
 	$(BIN)/mypy
+
+## check-monitoring: promtool checks monitoring/alerts.yml, runs its unit tests
+## (monitoring/alerts_test.yml) and checks the example monitoring/prometheus.yml;
+## tests/test_monitoring.py checks the dashboard and the metric names, and runs the rules and the
+## dashboard's queries on a real Prometheus (the one installed here) scraping a real router
+check-monitoring: $(VENV)/.prometheus
+	$(BIN)/promtool check rules monitoring/alerts.yml
+	$(BIN)/promtool test rules monitoring/alerts_test.yml
+	$(BIN)/promtool check config monitoring/prometheus.yml
+
+# promtool and prometheus: the ones on PATH if both are there, else Debian's (package
+# prometheus), downloaded and unpacked into .venv/bin, installed nowhere else, so no root is
+# needed (root runs `apt-get update` first if the package lists lack it). PyPI has no wheel
+# that ships them.
+$(VENV)/.prometheus: | $(BIN)/python
+	@set -e; \
+	if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
+		ln -sf "$$(command -v promtool)" $(BIN)/promtool; \
+		ln -sf "$$(command -v prometheus)" $(BIN)/prometheus; \
+		touch $@; exit 0; \
+	fi; \
+	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
+		echo "promtool and prometheus are missing: install them (on Debian: apt-get install" \
+			"prometheus) or put both on PATH, then run make again" >&2; \
+		exit 1; \
+	fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	get() { (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus); }; \
+	if ! get; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "prometheus: cannot download Debian's prometheus package: run" \
+				"'sudo apt-get update' (or put promtool and prometheus on PATH), then make again" >&2; \
+			exit 1; \
+		fi; \
+		apt-get update -qq && get; \
+	fi; \
+	dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb \
+		| tar -x -C "$$tmp" ./usr/bin/promtool ./usr/bin/prometheus; \
+	mv -f "$$tmp"/usr/bin/promtool "$$tmp"/usr/bin/prometheus $(BIN)/; \
+	$(BIN)/promtool --version | head -n 1; \
+	touch $@
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -70,8 +70,7 @@ from router import (
     __version__,
     hookimpl,
 )
-from router.durable import fsync_dir, write_all
-from router.routing import matches
+from router.sinkutils import fsync_dir, matches, write_all
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,6 @@ _PLACEHOLDER = re.compile(r"\{(type|date|messageId|patientId|name)\}")
 _CHUNK = 64 * 1024
 _WRITE_SIZE = 1024 * 1024
 _EXPIRED = b"Request has expired"
-_BIG = 1024 * 1024
 
 
 def add_link_paths(type_glob: str, *paths: str) -> None:
@@ -268,13 +266,10 @@ class DownloadSink(Sink[DownloadOptions]):
         if not paths:
             return
 
-        def read() -> list[Link]:
-            return links_in(json.loads(b"".join(message.body_chunks())), paths)
-
         try:
             # A large body (an old inline bundle, stored in a file) is read and parsed in a
             # worker thread, so the event loop keeps serving requests meanwhile.
-            found = await anyio.to_thread.run_sync(read) if message.body_size > _BIG else read()
+            found = links_in(await message.read_json(), paths)
         except ValueError:
             raise PermanentError("body is not JSON") from None
         links = sorted(found, key=lambda k: (k.deadline is None, k.deadline or 0))

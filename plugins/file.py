@@ -49,7 +49,7 @@ from router import (
     SinkOptions,
     hookimpl,
 )
-from router.durable import fsync_dir, write_all
+from router.sinkutils import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from router import (
     SinkOptions,
     hookimpl,
 )
-from router.auth import sign
+from router.sinkutils import sign
 
 _PLACEHOLDER = re.compile(r"\{(type|messageId)\}")
 

@@ -221,7 +221,8 @@ class KafkaSink(Sink[KafkaOptions]):
             try:
                 future = await self._producer.send(
                     self.topic_for(message),
-                    value=message.body,
+                    # (a body in a file is read in a worker thread, not on the event loop)
+                    value=await message.read_body(),
                     # An empty key (no patient for "{orderKey}") means no key: the producer
                     # then spreads those records over the partitions.
                     key=self._fill(self.options.key, message).encode() or None,

@@ -24,6 +24,7 @@ dead-lettered for the others (``channel_not_found``, ``invalid_auth`` …).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import string
@@ -46,7 +47,7 @@ from router import (
     SinkOptions,
     hookimpl,
 )
-from router.routing import matches
+from router.sinkutils import matches
 
 #: Titles by type pattern; the first match wins. ``{status}`` is filled from the payload.
 TITLES: tuple[tuple[str, str], ...] = (
@@ -168,14 +169,26 @@ class _Values(dict[str, Any]):
         return "{" + key + "}"
 
 
-def summary(message: Message, options: SlackOptions) -> str:
-    """The text posted for a message."""
-    doc: Any = {}
-    if message.body_size <= MAX_SUMMARISED_BYTES:  # a huge body gets the meta-only summary
-        try:
-            doc = json.loads(message.body)
-        except ValueError:
-            doc = {}
+async def parsed(message: Message) -> Any:
+    """The body as JSON for the summary: ``{}`` when it is too large to summarise (a huge
+    body gets the meta-only summary) or not JSON. A body in a file is read and parsed in a
+    worker thread (``Message.read_json``), never on the event loop."""
+    if message.body_size > MAX_SUMMARISED_BYTES:
+        return {}
+    try:
+        return await message.read_json()
+    except ValueError:
+        return {}
+
+
+def summary(message: Message, options: SlackOptions, doc: Any = None) -> str:
+    """The text posted for a message whose parsed body is ``doc`` (see ``parsed``; left out,
+    a body held in memory is parsed here, and one in a file is summarised from ``meta``)."""
+    if doc is None:
+        doc = {}
+        if message.in_memory and message.body_size <= MAX_SUMMARISED_BYTES:
+            with contextlib.suppress(ValueError):
+                doc = message.json()
     info = facts(doc if isinstance(doc, dict) else {})
     status = info["status"] or ("finished" if message.type.startswith("medical.") else "")
     status = escape(status)
@@ -254,7 +267,7 @@ class SlackSink(Sink[SlackOptions]):
                 errors[message.message_id] = next(iter(errors.values()))
                 continue
             try:
-                await self._post(summary(message, self.options))
+                await self._post(summary(message, self.options, await parsed(message)))
             except Exception as e:
                 errors[message.message_id] = e
         return errors

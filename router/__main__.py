@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides log.level of the configuration",
     )
     with_config("check", "validate the configuration, print the routes")
+    listing = with_config(
+        "plugins", "the plugins loaded: from where, which sink types and hooks each provides"
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     status = with_config("status", "deliveries per sink: pending, retrying, dead, oldest, error")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -147,6 +151,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return send(args.url, args.key, args.key_env, args.file, args.type)
     path = config_path(args.config)
+    if args.command == "plugins":
+        from router import opscli
+
+        # Without a configuration file (none given, none at the default place): the built-in
+        # and installed plugins alone, which every configuration on this host gets.
+        given = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG.exists()
+        return opscli.plugins(path if given else None, args.json)
     try:
         # The operator commands need the journal and the routes, not the keys (nor the sinks'
         # secrets): they run as users who may not have them, so they read no secret at all,
@@ -197,6 +208,11 @@ def _print_check(config: Config) -> None:
     width = max(len(pattern) for pattern, _ in rows)
     for pattern, sinks in rows:
         print(f"  {pattern.ljust(width)}  ->  {sinks}")
+    types = sorted({sink.type for sink in config.sinks.values()})
+    print("sink types (provided by):")
+    width = max(len(name) for name in types)
+    for name in types:
+        print(f"  {name.ljust(width)}  {config.plugin_manager.provider(name)}")
     print("sinks:")
     width = max(len(name) for name in config.sinks)
     for name, sink in config.sinks.items():

@@ -29,7 +29,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from router import logs, server
+from router import logs, plugins, server
 from router.auth import Verifier
 from router.config import Config, load_config
 from router.dispatcher import Dispatcher
@@ -140,6 +140,10 @@ class Daemon:
             self.ingress.workers = worker.ready
         listening = server.addresses(sockets)
         dispatched = anyio.Event()
+        # Once nothing before serving can fail: plugins learn their configuration and start
+        # before any sink opens or request is served (see router.hookspecs).
+        plugins.configure(config)
+        await plugins.startup(config)
 
         async def dispatch() -> None:
             try:
@@ -192,6 +196,7 @@ class Daemon:
                     await self.journal.unregister(self.dispatcher.owner)
                 except JournalUnavailable as e:
                     log.warning(kv("unregister-failed", error=str(e)))
+            await plugins.shutdown(self.config)
 
     async def reload(self) -> bool:
         """Load the configuration file again and switch to it; on any error keep running the
@@ -232,6 +237,9 @@ class Daemon:
         except Exception as e:
             return self._refused(e)
         self.ingress.runtime = runtime
+        # Still no await since the switch: the plugins have their new options before any new
+        # sink opens (see router.hookspecs for the order).
+        plugins.configure(new)
         for key in RESTART_ONLY:
             if _get(old, key) != _get(new, key):
                 log.warning(kv("reload-needs-restart", key=key, hint="restart to apply"))
@@ -244,6 +252,12 @@ class Daemon:
         self.metrics.reloads.labels("applied").inc()
         log.info(kv("reloaded", sinks=",".join(f"{n}:{c}" for n, c in sorted(changes.items()))))
         notify("READY=1", "STATUS=configuration reloaded")
+        await plugins.startup(new, only_new_since=old)
+        if plugins.departed(old, new):
+            # Their sinks may still be finishing deliveries: shut a plugin down after them.
+            for runner in list(self.dispatcher.retiring.values()):
+                await runner.retired.wait()
+            await plugins.shutdown(old, only_gone_in=new)
         return True
 
     def _decides(self, ticket: int) -> bool:

@@ -19,7 +19,6 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-import pluggy
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from router import plugins, yamlsource
@@ -54,7 +53,7 @@ from router.configtypes import (
 )
 from router.errors import ConfigError
 from router.routing import Route, RouteTable
-from router.sink import Sink, SinkOptions
+from router.sink import SinkOptions
 
 __all__ = [
     "COMMON_KEYS",
@@ -101,7 +100,9 @@ class _Document(Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     default: Annotated[list[str], BeforeValidator(one_or_many)] = Field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = Field(min_length=1)
-    plugins: list[str] = Field(default_factory=list)
+    #: Plugin modules or files to load, each alone or with its options (``NAME: {…}``,
+    #: checked by ``router.plugins``).
+    plugins: list[str | dict[str, Any]] = Field(default_factory=list)
 
 
 def config_path(arg: str | None) -> Path:
@@ -135,15 +136,9 @@ def load_config(
         raise ConfigError(src.problems)
     context = {"base_dir": path.parent}
 
-    pm = _plugin_manager(src, entry_points)
-    for i, plugin in enumerate(extra_plugins):
-        try:
-            plugins.register(pm, plugin, f"extra-{i}-{getattr(plugin, '__name__', 'plugin')}")
-        except plugins.PluginLoadError as e:
-            src.problem((), str(e))
-    types, type_problems = plugins.sink_types(pm)
-    for text in type_problems:
-        src.problem(("plugins",), text)
+    pm = plugins.build(
+        src, entry_points=entry_points, extra_plugins=extra_plugins, context=context, report=report
+    )
 
     doc: _Document | None = None
     try:
@@ -155,7 +150,7 @@ def load_config(
     raw_sinks = src.data.get("sinks")
     if isinstance(raw_sinks, dict):
         for name, raw in raw_sinks.items():
-            sink = _sink(src, name, raw, types, context)
+            sink = _sink(src, name, raw, pm, context)
             if sink is not None:
                 sinks[name] = sink
 
@@ -217,27 +212,11 @@ def _local(address: str) -> bool:
         return False
 
 
-def _plugin_manager(src: yamlsource.Source, entry_points: bool) -> pluggy.PluginManager:
-    problems: list[str] = []
-    pm = plugins.new_manager(entry_points=entry_points, problems=problems)
-    for text in problems:
-        src.problem((), text)
-    names = src.data.get("plugins") or []
-    if isinstance(names, list):
-        for i, spec in enumerate(names):
-            if isinstance(spec, str):
-                try:
-                    plugins.load_named(pm, spec, Path(src.file).parent)
-                except plugins.PluginLoadError as e:
-                    src.problem(("plugins", i), str(e))
-    return pm
-
-
 def _sink(
     src: yamlsource.Source,
     name: str,
     raw: Any,
-    types: Mapping[str, type[Sink[Any]]],
+    pm: plugins.Manager,
     context: dict[str, Any],
 ) -> SinkConfig | None:
     path: yamlsource.KeyPath = ("sinks", name)
@@ -246,11 +225,13 @@ def _sink(
     if not isinstance(raw, dict):
         return None  # reported by the document model
     type_name = raw.get("type")
-    cls = types.get(type_name) if isinstance(type_name, str) else None
+    cls = pm.sink_types.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        known = ", ".join(sorted(types)) or "none"
+        known = ", ".join(sorted(pm.sink_types)) or "none"
         if "type" not in raw:
             src.problem(path, f"missing key 'type' (one of: {known})")
+        elif isinstance(type_name, str):
+            plugins.unknown_sink_type(pm, src, (*path, "type"), type_name)
         else:
             src.problem((*path, "type"), f"unknown sink type {type_name!r} (known: {known})")
     common: SinkCommon | None = None

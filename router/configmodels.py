@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import pluggy
+from prometheus_client import CollectorRegistry
 from pydantic import BeforeValidator, Field, SecretStr
 
+from router import plugins
 from router.configtypes import (
     MAX_WORKERS,
     ConfigPath,
@@ -231,7 +232,8 @@ class SinkConfig:
     batch_size: int
     ordered: bool
 
-    def context(self, base_dir: Path) -> SinkContext:
+    def context(self, base_dir: Path, registry: CollectorRegistry | None = None) -> SinkContext:
+        """What the sink is told; ``registry``: the running router's metrics registry."""
         return SinkContext(
             name=self.name,
             base_dir=base_dir,
@@ -239,11 +241,12 @@ class SinkConfig:
             concurrency=self.concurrency,
             batch_size=self.batch_size,
             ordered=self.ordered,
+            registry=registry or CollectorRegistry(),
         )
 
-    def build(self, base_dir: Path) -> Sink[Any]:
+    def build(self, base_dir: Path, registry: CollectorRegistry | None = None) -> Sink[Any]:
         """A new sink instance (not yet opened)."""
-        return self.cls(self.options, self.context(base_dir))
+        return self.cls(self.options, self.context(base_dir, registry))
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ class Config:
     log: LogConfig
     routes: RouteTable
     sinks: Mapping[str, SinkConfig]
-    plugin_manager: pluggy.PluginManager = field(compare=False, repr=False)
+    plugin_manager: plugins.Manager = field(compare=False, repr=False)
     #: ``metriport:``, when configured.
     metriport: MetriportConfig | None = None
     warnings: tuple[str, ...] = ()

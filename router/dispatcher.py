@@ -324,7 +324,7 @@ class Dispatcher:
     def _runner(self, config: Config, cfg: SinkConfig) -> SinkRunner:
         return SinkRunner(
             cfg,
-            cfg.build(config.base_dir),
+            cfg.build(config.base_dir, self.metrics.registry),
             self.journal,
             config.plugin_manager,
             self.metrics,

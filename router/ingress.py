@@ -31,7 +31,7 @@ from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
 from router.health import CommitProbe, readiness, sink_states
 from router.journal import Journal
-from router.logs import kv
+from router.logs import emit, kv
 from router.message import Message
 from router.metrics import CONTENT_TYPE, Metrics
 from router.parse import BadMessage, parse
@@ -365,14 +365,16 @@ class Ingress:
         rt.metrics.child(rt.metrics.accepted, message.type).inc()
         if not sinks:
             rt.metrics.unrouted.inc()
-        log.info(
+        emit(
+            log,
+            logging.INFO,
             kv(
                 "accepted",
                 id=message.message_id,
                 type=message.type,
                 bytes=size,
                 sinks=",".join(sinks) or "(unrouted)",
-            )
+            ),
         )
         await plugins.notify(
             rt.config.plugin_manager, "router_message_received", message=message, sinks=sinks

@@ -1,5 +1,5 @@
 """Printing for the operator commands (``status``, ``dead …``, ``replay``, ``explain``,
-``metriport …``)."""
+``metriport …``, ``plugins``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router import ops
+from router import plugins as plugin_manager
 from router.config import Config
 
 if TYPE_CHECKING:
@@ -199,3 +200,41 @@ def _metriport_status(st: metriport.Status, as_json: bool) -> int:
             f" {count(last.failed)} failed then"
         )
     return EXIT_OK
+
+
+def plugins(path: Path | None, as_json: bool) -> int:
+    """``webhook-router plugins``: each plugin, where it came from, its sink types and hooks;
+    then the problems loading them (exit 2 when there is any, as ``check``)."""
+    pm, problems = plugin_manager.inventory(path)
+    found = plugin_manager.describe(pm)
+    if as_json:
+        print(
+            ops.to_json(
+                {
+                    "config": None if path is None else str(path.absolute()),
+                    "plugins": found,
+                    "disabled": sorted(pm.disabled),
+                    "problems": problems,
+                }
+            )
+        )
+        return EXIT_USAGE if problems else EXIT_OK
+    where = f"{path.absolute()} and the" if path is not None else "the"
+    print(f"{len(found)} plugin(s), from {where} installed packages:")
+    for info in found:
+        print(f"  {info.name}  {'plugin file' if info.kind == 'file' else info.origin}")
+        if info.sink_types:
+            print(f"      sink types: {', '.join(info.sink_types)}")
+        if info.hooks:
+            print(f"      hooks: {', '.join(info.hooks)}")
+        if info.takes_options:
+            # Their names, never their values (a plugin's options may hold a secret).
+            options = pm.options.get(info.name)
+            names = ", ".join(type(options).model_fields) if options is not None else ""
+            print(f"      options: {names or '(none)'}")
+    if pm.disabled:
+        names = ", ".join(sorted(pm.disabled))
+        print(f"switched off by ${plugin_manager.DISABLE_ENV}: {names}")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK

@@ -7,11 +7,11 @@ in ``TimeoutError``). ``outcomes`` decides for each delivery of the batch what t
 records (delivered; pending again after a backoff; dead) and what is reported. No I/O, no
 clock: the backoff's jitter comes from ``rand``.
 
-A result that breaks the contract is a failure of the messages it leaves in doubt, never a
-silent success: a mapping that names a message id not in the batch (its failures cannot be
-trusted to name the right messages, so no message of the batch counts as delivered), a value
-in it that is not an exception (that message), or anything but ``None`` or a mapping (the
-whole batch). These failures are retryable, so a sink fixed by an upgrade delivers them.
+A result that breaks the contract is never a silent success: a mapping that names a message
+id not in the batch (its failures cannot be trusted to name the right messages), a value in it
+that is not an exception, or anything but ``None`` or a mapping fails the whole batch,
+retryably, saying what was wrong (``router.sink.batch_errors``), so a sink fixed by an upgrade
+delivers them.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from router.configmodels import RetryPolicy
-from router.errors import RetryableError
 from router.journal import Claim, Outcome
 from router.message import Message
 from router.retry import decide, describe_error
-from router.sink import SendResult
+from router.sink import SendResult, batch_errors
 
 #: What an attempt made of one delivery, as reported (metrics, logs, observer hooks).
 Kind = Literal["delivered", "retry", "dead"]
@@ -100,35 +99,11 @@ def outcomes(
 
 
 def _failures(
-    batch: Sequence[tuple[Claim, Message]], result: object
+    batch: Sequence[tuple[Claim, Message]], result: SendResult | BaseException
 ) -> Mapping[str, BaseException] | None:
     """The failure of each message that failed, by message id (None: every one delivered)."""
     if result is None:
         return None
     if isinstance(result, BaseException):
         return {m.message_id: result for _, m in batch}
-    if not isinstance(result, Mapping):
-        broken = RetryableError(
-            f"send returned a {type(result).__name__}, not None or a mapping of message ids to"
-            " exceptions: no message of the batch counts as delivered"
-        )
-        return {m.message_id: broken for _, m in batch}
-    ids = {m.message_id for _, m in batch}
-    unknown = sum(1 for key in result if key not in ids)
-    if unknown:
-        broken = RetryableError(
-            f"send reported failures for {unknown} message id(s) not in the batch: no message"
-            " of the batch counts as delivered"
-        )
-        return {i: _exception(result.get(i, broken)) for i in ids}
-    if all(isinstance(error, BaseException) for error in result.values()):
-        return result
-    return {i: _exception(error) for i, error in result.items()}
-
-
-def _exception(error: object) -> BaseException:
-    if isinstance(error, BaseException):
-        return error
-    return RetryableError(
-        f"send reported a {type(error).__name__} as a message's failure, not an exception"
-    )
+    return batch_errors(result, [m for _, m in batch])

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pluggy
 
 from router import plugins
-from router.logs import kv
+from router.logs import emit, kv
 from router.metrics import Metrics
 from router.outcomes import Attempted
 
@@ -36,7 +36,7 @@ class Reporter:
             fields = dict(id=m.message_id, type=m.type, sink=sink, attempt=m.attempt)
             if kind == "delivered":
                 metrics.child(metrics.delivery_seconds, sink).observe(time.time() - m.received_at)
-                log.info(kv("delivered", **fields, ms=round(duration * 1000, 1)))
+                emit(log, logging.INFO, kv("delivered", **fields, ms=round(duration * 1000, 1)))
                 await plugins.notify(
                     pm, "router_message_delivered", message=m, sink=sink, duration=duration
                 )

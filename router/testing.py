@@ -1,5 +1,8 @@
 """Helpers for testing the router and sink plugins over real sockets.
 
+- ``make_sink`` builds one sink from its options exactly as the router does (the same
+  validation, ``{env: …}`` secrets, paths relative to ``base_dir``, a real ``SinkContext``),
+  for unit tests of a sink; ``load_config`` (also ``router.load_config``) loads a whole file.
 - ``body_for`` / ``message_for`` build Metriport-shaped messages; ``sign`` signs a body,
   ``signed_headers`` gives the headers Metriport sends with it and ``post_signed`` posts it.
 - ``write_config`` writes a configuration file from plain Python data.
@@ -27,14 +30,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import yaml
 
-from router import app
+from router import app, plugins
 from router.auth import sign
-from router.config import Config
+from router.config import Config, load_config
 from router.hookspecs import hookimpl
 from router.message import Message
 from router.sink import Sink
@@ -50,6 +53,8 @@ __all__ = [
     "body_for",
     "eventually",
     "listening_socket",
+    "load_config",
+    "make_sink",
     "message_for",
     "post_signed",
     "running_router",
@@ -58,6 +63,48 @@ __all__ = [
     "wait_until",
     "write_config",
 ]
+
+
+SinkT = TypeVar("SinkT", bound=Sink[Any])
+#: The file ``make_sink`` writes in ``base_dir`` (problems in the options name it and a line).
+MAKE_SINK_FILE = "make_sink.yaml"
+
+
+def make_sink(
+    cls: type[SinkT],
+    options: Mapping[str, Any] | None = None,
+    *,
+    base_dir: Path,
+    name: str = "sink",
+    environ: Mapping[str, str] | None = None,
+) -> SinkT:
+    """A sink of class ``cls`` with ``options`` (what its entry under ``sinks:`` would hold;
+    the router-level ``timeout``, ``batch_size``, ``concurrency``, ``ordered`` and ``retry``
+    included), built as the router builds it: the options go through a configuration file
+    (``base_dir/make_sink.yaml``) and ``load_config``, so they are validated the same way
+    (``ConfigError`` naming key and line), ``{env: NAME}`` and ``{file: PATH}`` are resolved
+    (from ``environ``, by default the process environment), relative paths resolve against
+    ``base_dir``, and the sink gets the ``SinkContext`` it would get under the name ``name``
+    (its metrics on a registry of its own: ``sink.context.registry``). The sink is not opened:
+    ``await sink.open()`` … ``await sink.close()`` as the router would."""
+    builtin = plugins.sink_types(plugins.new_manager(entry_points=False))[0]
+    extra = [] if builtin.get(cls.type) is cls else [SinkPlugin(cls, name=f"make_sink {cls.type}")]
+    sink = {"type": cls.type, **_plain(dict(options or {}))}
+    document = {"auth": {"keys": ["make-sink"]}, "default": [name], "sinks": {name: sink}}
+    path = write_config(base_dir, document, MAKE_SINK_FILE)
+    config = load_config(path, environ=environ, entry_points=False, extra_plugins=extra)
+    built = config.sinks[name].build(config.base_dir)
+    assert isinstance(built, cls)
+    return built
+
+
+def _plain(data: Any) -> Any:
+    """``data`` with paths as strings, for YAML."""
+    if isinstance(data, Mapping):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_plain(v) for v in data]
+    return str(data) if isinstance(data, Path) else data
 
 
 def body_for(type_: str = "patient.admit", message_id: str | None = None, **fields: Any) -> bytes:

@@ -17,7 +17,9 @@ they need the journal and the routes, not the keys, and run as users who may not
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -33,10 +35,20 @@ KeyPath = tuple[str | int, ...]
 UNRESOLVED = "(secret not loaded)"
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
 def dotted(path: KeyPath) -> str:
+    """``sinks.archive.path``, ``routes[0].to``; a key such as a plugin file's path is quoted:
+    ``plugins[0]["./audit.py"].tenant``."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _PLAIN_KEY.match(part):
+            out += f"[{json.dumps(part)}]"
+        else:
+            out += f".{part}" if out else part
     return out
 
 

@@ -254,57 +254,6 @@ async def test_a_batch_partial_failure_retries_only_the_failed(
     )
 
 
-@pytest.mark.parametrize(
-    ("first", "error"),
-    [
-        pytest.param(
-            {"someone-else": RetryableError("x")},
-            "RetryableError: send reported failures for 1 message id(s) not in the batch:"
-            " no message of the batch counts as delivered",
-            id="map-naming-an-id-not-in-the-batch",
-        ),
-        pytest.param(
-            ["m-1"],
-            "RetryableError: send returned a list, not None or a mapping of message ids to"
-            " exceptions: no message of the batch counts as delivered",
-            id="not-a-map",
-        ),
-    ],
-)
-async def test_a_send_result_breaking_the_contract_is_a_failure_not_a_success(
-    make_config: Callable[..., Config],
-    caplog: pytest.LogCaptureFixture,
-    first: object,
-    error: str,
-) -> None:
-    caplog.set_level(logging.INFO)
-    calls: list[tuple[str, int]] = []
-
-    class Sloppy(Sink[SinkOptions]):
-        type = "sloppy"
-
-        async def send(self, batch: Sequence[Message]) -> SendResult:
-            calls.extend((m.message_id, m.attempt) for m in batch)
-            return first if len(calls) == 1 else None  # type: ignore[return-value]
-
-    recorder = Recorder()
-    config = make_config(
-        extra_plugins=(SinkPlugin(Sloppy), recorder),
-        default=["sloppy"],
-        sinks={"sloppy": {"type": "sloppy", "retry": FAST}},
-    )
-    async with running_router(config) as router, httpx.AsyncClient() as client:
-        r = await post(client, router.webhook_url, body_for(message_id="m-1"))
-        assert r.status_code == 200
-        await recorder.wait_for(lambda r: len(r.delivered) == 1)
-
-    assert calls == [("m-1", 1), ("m-1", 2)]
-    assert recorder.failed == [("m-1", "sloppy", "RetryableError")]
-    assert recorder.delivered == [("m-1", "sloppy", 2)]
-    assert deliveries(config) == [("m-1", "sloppy", "delivered", 2, None)]
-    assert error in caplog.text  # the retry's log line says why
-
-
 async def test_an_unexpected_exception_in_send_is_retried_not_lost(
     make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -204,7 +204,7 @@ async def test_the_body_file_of_a_stored_message_survives_a_restart(tmp_path: Pa
     try:
         assert kept.read_bytes() == body
         (stored,) = (await journal.messages([1])).values()
-        assert stored.body == body
+        assert await stored.read_body() == body
     finally:
         await journal.close()
 

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shlex
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -505,3 +506,41 @@ def test_log_lines_outside_a_loop_go_out_at_once_and_a_loops_last_line_is_not_lo
     assert raw.getvalue() == b"in a loop\nafter\n"
     logger.info("again")
     assert raw.getvalue() == b"in a loop\nafter\nagain\n"
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json"])
+def test_the_direct_log_path_writes_the_line_logging_would(
+    fmt: logs.LogFormat, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``logs.emit`` (the per-message lines) skips logging's record and handler chain when only
+    the daemon's handler would see the line: the line must be the one logging writes."""
+    monkeypatch.setattr(time, "time", lambda: 1_767_225_600.25)
+    logs.setup("INFO", fmt)
+    logger = logging.getLogger("router.dispatcher")
+    event = kv("delivered", id="m-1", type="patient.admit", sink="a b", attempt=1, ms=1.5)
+    logger.info(event)
+    logs.emit(logger, logging.INFO, event)
+    logs.emit(logger, logging.DEBUG, event)  # below the level: nothing
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1]
+
+
+def test_the_direct_log_path_leaves_other_handlers_their_records(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.setup("INFO", "plain")
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    router_logger = logging.getLogger("router")
+    router_logger.addHandler(keep)
+    try:
+        logs.emit(logging.getLogger("router.ingress"), logging.INFO, kv("accepted", id="m-1"))
+    finally:
+        router_logger.removeHandler(keep)
+    assert [r.getMessage() for r in seen] == ["accepted id=m-1"]
+    assert capsys.readouterr().err.endswith(" INFO router.ingress accepted id=m-1\n")

@@ -151,42 +151,43 @@ def test_an_unexpected_exception_is_retryable_and_keeps_no_text() -> None:
 
 def test_a_map_naming_an_id_not_in_the_batch_delivers_nothing() -> None:
     # Its failures cannot be trusted to name the right messages: no message of the batch is
-    # recorded delivered on its word. Those it names keep their own error.
+    # recorded delivered on its word, nor dead on it (a PermanentError it names included).
     verdict = decide(
         batch_of("a", "b", "c"),
         {"b": PermanentError("bad"), "someone-else": RetryableError("x")},
     )
-    unknown = (
-        "RetryableError: send reported failures for 1 message id(s) not in the batch:"
-        " no message of the batch counts as delivered"
+    text = (
+        "RetryableError: sink broke the send contract:"
+        " its failure map names 1 message id(s) not in the batch"
     )
-    assert states(verdict) == [
-        (1, "pending", 0.5, unknown),
-        (2, "dead", 0.0, "PermanentError: bad"),
-        (3, "pending", 0.5, unknown),
-    ]
-    assert "someone-else" not in unknown  # the stray key may be anything: never logged
-    assert verdict.failed == 3
+    assert states(verdict) == [(seq, "pending", 0.5, text) for seq in (1, 2, 3)]
+    assert "someone-else" not in text  # the stray key may be anything: never logged
+    assert (verdict.failed, verdict.error) == (3, text)
 
 
-def test_a_map_value_that_is_not_an_exception_fails_that_message() -> None:
-    result: dict[str, object] = {"a": "failed", "b": None}
-    verdict = decide(batch_of("a", "b", "c"), result)  # type: ignore[arg-type]
-    text = "RetryableError: send reported a {} as a message's failure, not an exception"
-    assert states(verdict) == [
-        (1, "pending", 0.5, text.format("str")),
-        (2, "pending", 0.5, text.format("NoneType")),
-        (3, "delivered", 0.0, None),
-    ]
+def test_a_map_value_that_is_not_an_exception_fails_the_batch() -> None:
+    for value in ("failed", None):
+        result: dict[str, object] = {"a": value}
+        verdict = decide(batch_of("a", "b"), result)  # type: ignore[arg-type]
+        text = (
+            "RetryableError: sink broke the send contract:"
+            " its failure map holds a value that is not an exception"
+        )
+        assert states(verdict) == [(1, "pending", 0.5, text), (2, "pending", 0.5, text)]
 
 
 def test_a_result_that_is_neither_none_nor_a_map_fails_the_batch() -> None:
     verdict = decide(batch_of("a", "b"), True)  # type: ignore[arg-type]
     text = (
-        "RetryableError: send returned a bool, not None or a mapping of message ids to"
-        " exceptions: no message of the batch counts as delivered"
+        "RetryableError: sink broke the send contract:"
+        " send returned a bool, not a mapping of failures or None"
     )
     assert states(verdict) == [(1, "pending", 0.5, text), (2, "pending", 0.5, text)]
+
+
+def test_a_broken_contract_still_runs_out_of_retries() -> None:
+    verdict = decide(batch_of("a", attempts=4), {"stray": RetryableError("x")})
+    assert [o.state for o in verdict.outcomes] == ["dead"]
 
 
 def test_a_delivery_claimed_again_meanwhile_is_recorded_with_its_new_token() -> None:

@@ -128,6 +128,11 @@ ALTER TABLE deliveries ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
 #: The database's clock, in seconds since the epoch (one clock for every process on the file).
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 _FREE = "(d.lease_until IS NULL OR d.lease_until <= :now)"
+# A lease runs from the database's clock, read in the statement rather than by one more
+# statement per message (NULL + now is NULL: not claimed).
+_INSERT_DELIVERY = f"""INSERT INTO deliveries (seq, sink, order_key, state, next_attempt_at,
+    updated_at, lease_owner, lease_until, token)
+    VALUES (?, ?, ?, 'pending', ?, ?, ?, ? + {NOW}, ?)"""  # noqa: S608
 # The head of each order key: no earlier pending delivery to the same sink with the same key.
 _HEAD = """NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.sink = d.sink
     AND e.order_key = d.order_key AND e.state = 'pending' AND e.seq < d.seq)"""
@@ -422,12 +427,10 @@ class SQLiteJournal(Journal):
             if duplicates:
                 return Appended(seq, duplicate=True)
             at = message.received_at
-            until = _now(conn) + lease if claimed else None
             conn.executemany(
-                "INSERT INTO deliveries (seq, sink, order_key, state, next_attempt_at, updated_at,"
-                " lease_owner, lease_until, token) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                _INSERT_DELIVERY,
                 [
-                    (seq, sink, message.order_key, at, at, owner, until, FIRST_TOKEN)
+                    (seq, sink, message.order_key, at, at, owner, lease, FIRST_TOKEN)
                     if sink in claimed
                     else (seq, sink, message.order_key, at, at, None, None, 0)
                     for sink in sinks
