@@ -10,6 +10,7 @@ scraped, the journal sees at most one probe write per ``PROBE_EVERY`` seconds pe
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -104,6 +105,29 @@ async def readiness(rt: Runtime, probe: CommitProbe) -> str | None:
         return why
     dispatcher = rt.dispatcher
     return await probe.failure(lambda: rt.journal.renew(dispatcher.owner, dispatcher.lease, {}))
+
+
+async def readyz(
+    rt: Runtime, probe: CommitProbe, workers: Callable[[], tuple[int, int]] | None
+) -> tuple[bool, bytes]:
+    """``/readyz``: whether ready, and the JSON body: ``ready``, ``journal`` (``ok`` or
+    ``failing``), each sink's state, ``workers`` (``up/of``, for a worker of a supervisor:
+    ready only when all are) and, when not ready, the ``reason``."""
+    why = await readiness(rt, probe)
+    body: dict[str, object] = {
+        "ready": why is None,
+        "journal": "ok" if why is None else "failing",
+        "sinks": sink_states(rt.dispatcher.runners),
+    }
+    if workers is not None:
+        up, of = workers()
+        body["workers"] = f"{up}/{of}"
+        if why is None and up < of:
+            why = f"{up} of {of} workers ready"
+    if why is not None:
+        body["ready"] = False
+        body["reason"] = why
+    return why is None, json.dumps(body).encode()
 
 
 def sink_states(runners: Mapping[str, SinkRunner]) -> dict[str, str]:

@@ -300,7 +300,8 @@ class Router:
         """Send ``request``; assert every property; return the status (None: no answer)."""
         before = self.stored()
         sent = self.portal.call(drive, self.app, request)
-        assert self.app.in_flight == 0 and self.app.buffered == 0, "a slot or bytes were kept"
+        admission = self.app.admission
+        assert admission.in_flight == admission.buffered == 0, "a slot or bytes were kept"
         if not sent:
             assert request.hangs_up, "no answer"
             assert self.stored() == before

@@ -615,32 +615,33 @@ async def test_a_refusal_before_the_body_is_read_closes_the_connection(
 
 
 async def test_a_body_already_queued_is_taken_whole_and_a_partial_one_is_replayed() -> None:
-    """The fast path (``_queued``): what hypercorn has queued is taken without waiting; when
-    the body is not all there, the pieces taken are given back first, in order."""
-    from router.ingress import _queued, _replay
+    """The fast path (``router.body.queued``): what hypercorn has queued is taken without
+    waiting; when the body is not all there, the pieces taken are given back first, in
+    order."""
+    from router.body import queued, replay
 
     whole: asyncio.Queue[dict[str, object]] = asyncio.Queue()
     whole.put_nowait({"type": "http.request", "body": b"ab", "more_body": True})
     whole.put_nowait({"type": "http.request", "body": b"c", "more_body": False})
     whole.put_nowait({"type": "http.request", "body": b"next request", "more_body": False})
-    events, complete = _queued(whole.get, 1024)
+    events, complete = queued(whole.get, 1024)
     assert complete and [e["body"] for e in events] == [b"ab", b"c"]
     assert whole.qsize() == 1  # nothing past the end of this body is taken
 
     partial: asyncio.Queue[dict[str, object]] = asyncio.Queue()
     partial.put_nowait({"type": "http.request", "body": b"ab", "more_body": True})
-    events, complete = _queued(partial.get, 1024)
+    events, complete = queued(partial.get, 1024)
     assert not complete
-    receive = _replay(events, partial.get)
+    receive = replay(events, partial.get)
     partial.put_nowait({"type": "http.request", "body": b"c", "more_body": False})
     assert [(await receive())["body"], (await receive())["body"]] == [b"ab", b"c"]
 
     big: asyncio.Queue[dict[str, object]] = asyncio.Queue()
     big.put_nowait({"type": "http.request", "body": b"x" * 10, "more_body": False})
-    events, complete = _queued(big.get, 9)  # would be spooled: read the usual way
+    events, complete = queued(big.get, 9)  # would be spooled: read the usual way
     assert not complete and len(events) == 1
 
     async def not_a_queue() -> dict[str, object]:
         raise AssertionError("never called")
 
-    assert _queued(not_a_queue, 1024) == ([], False)
+    assert queued(not_a_queue, 1024) == ([], False)
