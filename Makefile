@@ -115,6 +115,13 @@ bench-postgres: $(VENV)/.installed-test bench-tools
 bench-quick: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
+## bench-app: the router's own CPU per message without the HTTP layer (bench/app_cost.py:
+## the app driven in-process, full pipeline, then without logs, without a sink), by thread
+bench-app: $(VENV)/.installed
+	$(BIN)/python bench/app_cost.py
+	$(BIN)/python bench/app_cost.py --log-level WARNING
+	$(BIN)/python bench/app_cost.py --no-sink --log-level WARNING
+
 ## bench-profile: where the router's CPU goes under wrk load (py-spy, installed into .venv)
 bench-profile: $(VENV)/.installed bench-tools
 	$(BIN)/python -m pip install --quiet py-spy

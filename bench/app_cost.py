@@ -49,7 +49,9 @@ def _loop_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
-async def _drive(config_path: Path, n: int, concurrency: int, out: dict[str, Any]) -> None:
+async def _drive(
+    config_path: Path, n: int, concurrency: int, delivered: bool, out: dict[str, Any]
+) -> None:
     config = load_config(config_path)
     bodies = [message_body(7, i) for i in range(n)]
     signed = [(sign(b, KEY.encode()).encode(), b) for b in bodies]
@@ -101,7 +103,7 @@ async def _drive(config_path: Path, n: int, concurrency: int, out: dict[str, Any
             for k in range(concurrency):
                 callers.start_soon(caller, k)
         acked = time.perf_counter()
-        while _lines(sink) < n:  # noqa: ASYNC110 (polling a file another thread writes)
+        while delivered and _lines(sink) < n:  # noqa: ASYNC110 (polling a file another thread writes)
             await anyio.sleep(0.005)
         cpu1, wall1 = time.process_time(), time.perf_counter()
         threads1 = _thread_cpu()
@@ -149,20 +151,34 @@ def main() -> None:
     p.add_argument("-n", type=int, default=20000, help="messages (default 20,000)")
     p.add_argument("-c", type=int, default=32, help="concurrent callers (default 32)")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--log-level", default="INFO", help="the daemon's log level (INFO as shipped)")
+    p.add_argument(
+        "--no-sink", action="store_true", help="route to no sink (what accepting alone costs)"
+    )
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="app-cost-") as tmp:
         work = Path(tmp)
         config = work / "config.yaml"
-        config.write_text(ROUTER_CONFIG.format(port=0, max_body=300 << 20))
+        text = ROUTER_CONFIG.format(port=0, max_body=300 << 20)
+        if a.no_sink:
+            text = text.replace('match: "*"', 'match: "no.such.type"')
+        config.write_text(text)
         os.environ["BENCH_WEBHOOK_KEY"] = KEY
         os.chdir(work)
         log_file = (work / "router.log").open("w")
         sys.stderr, real_stderr = log_file, sys.stderr
-        logs.setup("INFO", "plain")
+        logs.setup(a.log_level, "plain")
         out: dict[str, Any] = {}
         try:
             anyio.run(
-                _drive, config, a.n, a.c, out, backend="asyncio", backend_options=_loop_options()
+                _drive,
+                config,
+                a.n,
+                a.c,
+                not a.no_sink,
+                out,
+                backend="asyncio",
+                backend_options=_loop_options(),
             )
         finally:
             logging.shutdown()

@@ -35,7 +35,7 @@ KeyPath = tuple[str | int, ...]
 UNRESOLVED = "(secret not loaded)"
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.*?-]+$")  # a name or a type glob: no quotes needed
 
 
 def dotted(path: KeyPath) -> str:

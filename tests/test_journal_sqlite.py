@@ -171,6 +171,58 @@ async def test_a_write_refused_for_want_of_space_fails_alone_in_its_batch(tmp_pa
         assert stored == ["before", "ok-1", "ok-2"]
 
 
+async def test_appends_in_one_batch_are_stored_together_as_one_at_a_time_would(
+    tmp_path: Path,
+) -> None:
+    """A batch's appends are made in two statements (``_append_many``): each still gets its
+    own answer, sequence numbers keep the order they were queued in, a duplicate of an
+    earlier message or of one in the same batch is a duplicate, claims are as asked."""
+    async with opened(tmp_path) as journal:
+        before = await journal.append(msg("before"), ["a"])
+        answers: list[tuple[str, Appended]] = []
+
+        def append(message_id: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                got = await journal.append(
+                    msg(message_id), ["a", "b"], claim_for={"a"}, owner="me", lease=60.0
+                )
+                answers.append((message_id, got))
+
+            return run
+
+        await in_one_batch(journal, [append(m) for m in ("m-1", "before", "m-2", "m-3")])
+        got = dict(answers)
+        assert got["before"] == Appended(before.seq, duplicate=True)
+        assert all(not got[m].duplicate and got[m].claimed == ("a",) for m in ("m-1", "m-2", "m-3"))
+        answers.clear()
+        await in_one_batch(journal, [append(m) for m in ("m-4", "m-4", "m-1")])  # a repeat in it
+        assert sorted((m, a.duplicate) for m, a in answers) == [
+            ("m-1", True),
+            ("m-4", False),
+            ("m-4", True),
+        ]
+        seqs = dict(query(tmp_path, "SELECT message_id, seq FROM messages"))
+        assert seqs["before"] < seqs["m-1"] < seqs["m-2"] < seqs["m-3"] < seqs["m-4"]
+        assert {m: got[m].seq for m in ("m-1", "m-2", "m-3")} == {
+            m: seqs[m] for m in ("m-1", "m-2", "m-3")
+        }
+        rows = query(
+            tmp_path,
+            "SELECT m.message_id, d.sink, d.lease_owner, d.lease_until IS NOT NULL"
+            " FROM deliveries d JOIN messages m USING (seq) ORDER BY d.seq, d.sink",
+        )
+        assert rows == [
+            ("before", "a", None, 0),
+            *[
+                (m, s, "me" if s == "a" else None, int(s == "a"))
+                for m in ("m-1", "m-2", "m-3", "m-4")
+                for s in ("a", "b")
+            ],
+        ]
+        dups = dict(query(tmp_path, "SELECT message_id, duplicates FROM messages"))
+        assert dups == {"before": 1, "m-1": 1, "m-2": 0, "m-3": 0, "m-4": 1}
+
+
 async def test_when_a_failed_write_ends_the_transaction_the_others_are_made_again(
     tmp_path: Path,
 ) -> None:

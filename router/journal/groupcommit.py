@@ -28,11 +28,23 @@ log = logging.getLogger("router.journal")
 STORAGE_ERRORS = frozenset({8, 10, 13})
 
 
-class _Job:
-    __slots__ = ("error", "fn", "future", "loop", "result")
+#: Runs several jobs' work in one go: ``together(conn, [job.arg ...])`` returns their results
+#: in order (see ``GroupCommit.submit``).
+Together = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+
+class _Job:
+    __slots__ = ("arg", "error", "fn", "future", "loop", "result", "together")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        together: Together | None = None,
+        arg: Any = None,
+    ) -> None:
         self.fn = fn
+        self.together = together
+        self.arg = arg
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future[Any] = self.loop.create_future()
         self.result: Any = None
@@ -80,9 +92,20 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._write_loop, name=name, daemon=True)
         self._thread.start()
 
-    async def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn`` in the next batch; return its result once committed (durable)."""
-        job = _Job(fn)
+    async def submit(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        together: Together | None = None,
+        arg: Any = None,
+    ) -> Any:
+        """Run ``fn`` in the next batch; return its result once committed (durable).
+
+        ``together``: jobs of a batch queued one after the other with the same ``together``
+        are run as one call of it, given their ``arg``s (say, one multi-row INSERT for many
+        messages: one statement instead of one per job). It must do what their ``fn``s would
+        do, one after the other; if it raises, the batch is run again job by job (``fn``), so
+        that only a failing job fails."""
+        job = _Job(fn, together, arg)
         self._jobs.put(job)
         return await job.future
 
@@ -135,8 +158,7 @@ class GroupCommit:
         except sqlite3.Error:
             return False
         try:
-            for job in jobs:
-                job.result = job.fn(conn)
+            _run_all(conn, jobs)
         except Exception:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -194,6 +216,28 @@ class GroupCommit:
                 conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
         return True
+
+
+def _run_all(conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+    """Every job's work, runs of alike jobs together (``GroupCommit.submit``)."""
+    i = 0
+    while i < len(jobs):
+        job = jobs[i]
+        together = job.together
+        end = i + 1
+        if together is not None:
+            while end < len(jobs) and jobs[end].together is together:
+                end += 1
+        if end - i == 1 or together is None:
+            job.result = job.fn(conn)
+        else:
+            run = jobs[i:end]
+            results = together(conn, [j.arg for j in run])
+            if len(results) != len(run):
+                raise RuntimeError("a together function gave the wrong number of results")
+            for j, result in zip(run, results, strict=True):
+                j.result = result
+        i = end
 
 
 def _as_unavailable(e: Exception) -> JournalUnavailable:

@@ -20,6 +20,7 @@ A small body lives in the ``body`` column; a large one in a file under ``bodies/
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ from router.journal.base import (
     StoredMessage,
     process_gone,
 )
-from router.journal.groupcommit import GroupCommit
+from router.journal.groupcommit import GroupCommit, Together
 from router.logs import kv
 from router.message import Message
 
@@ -225,6 +227,68 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+@dataclass(frozen=True, slots=True)
+class _Append:
+    """One message to store: its ``messages`` row, and its deliveries' rows but for ``seq``
+    (order key, sink, received at, lease owner, lease length, token)."""
+
+    row: tuple[Any, ...]
+    deliveries: list[tuple[Any, ...]]
+    claimed: tuple[str, ...]
+
+
+def _append_one(append: _Append, conn: sqlite3.Connection) -> Appended:
+    _, seq, duplicates = conn.execute(_insert_messages(1), append.row).fetchone()
+    if duplicates:
+        return Appended(seq, duplicate=True)
+    conn.executemany(_INSERT_DELIVERY, _delivery_rows(seq, append))
+    return Appended(seq, duplicate=False, claimed=append.claimed)
+
+
+def _append_many(conn: sqlite3.Connection, appends: list[_Append]) -> list[Appended]:
+    """What ``_append_one`` does for each, in two statements for the whole batch (a group
+    commit's worth of messages): the per-statement cost was most of the writer thread's."""
+    ids = [a.row[0] for a in appends]
+    if len(set(ids)) != len(ids):  # one message twice in a batch: one at a time, in order
+        return [_append_one(a, conn) for a in appends]
+    params = [value for a in appends for value in a.row]
+    # VALUES rows are inserted in their order, so seq keeps the order they were queued in.
+    stored = {
+        mid: (seq, duplicates)
+        for mid, seq, duplicates in conn.execute(_insert_messages(len(appends)), params)
+    }
+    results: list[Appended] = []
+    deliveries: list[tuple[Any, ...]] = []
+    for a in appends:
+        seq, duplicates = stored[a.row[0]]
+        if duplicates:
+            results.append(Appended(seq, duplicate=True))
+        else:
+            deliveries += _delivery_rows(seq, a)
+            results.append(Appended(seq, duplicate=False, claimed=a.claimed))
+    if deliveries:
+        conn.executemany(_INSERT_DELIVERY, deliveries)
+    return results
+
+
+def _delivery_rows(seq: int, append: _Append) -> list[tuple[Any, ...]]:
+    return [
+        (seq, sink, key, at, at, owner, lease, token)
+        for key, sink, at, owner, lease, token in append.deliveries
+    ]
+
+
+@functools.cache
+def _insert_messages(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return f"""INSERT INTO messages (message_id, type, "when", request_id, received_at,
+           body, body_file, body_size, routed, order_key)
+       VALUES {values}
+       ON CONFLICT (message_id) DO UPDATE
+           SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
+       RETURNING message_id, seq, duplicates"""  # noqa: S608 (placeholders only)
+
+
 def _now(conn: sqlite3.Connection) -> float:
     return float(conn.execute(f"SELECT {NOW}").fetchone()[0])
 
@@ -361,10 +425,15 @@ class SQLiteJournal(Journal):
     def alive(self) -> bool:
         return self._writer is not None and self._writer.alive()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        together: Together | None = None,
+        arg: Any = None,
+    ) -> Any:
         if self._writer is None:
             raise JournalUnavailable("journal is not open")
-        return await self._writer.submit(fn)
+        return await self._writer.submit(fn, together, arg)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -413,32 +482,17 @@ class SQLiteJournal(Journal):
             message.order_key,
         )
         claimed = tuple(s for s in sinks if s in claim_for) if owner else ()
-
-        def write(conn: sqlite3.Connection) -> Appended:
-            seq, duplicates = conn.execute(
-                """INSERT INTO messages (message_id, type, "when", request_id, received_at,
-                       body, body_file, body_size, routed, order_key)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (message_id) DO UPDATE
-                       SET duplicates = duplicates + 1, last_duplicate_at = excluded.received_at
-                   RETURNING seq, duplicates""",
-                row,
-            ).fetchone()
-            if duplicates:
-                return Appended(seq, duplicate=True)
-            at = message.received_at
-            conn.executemany(
-                _INSERT_DELIVERY,
-                [
-                    (seq, sink, message.order_key, at, at, owner, lease, FIRST_TOKEN)
-                    if sink in claimed
-                    else (seq, sink, message.order_key, at, at, None, None, 0)
-                    for sink in sinks
-                ],
-            )
-            return Appended(seq, duplicate=False, claimed=claimed)
-
-        result: Appended = await self._write(write)
+        at = message.received_at
+        deliveries = [
+            (message.order_key, sink, at, owner, lease, FIRST_TOKEN)
+            if sink in claimed
+            else (message.order_key, sink, at, None, None, 0)
+            for sink in sinks
+        ]
+        append = _Append(row, deliveries, claimed)
+        result: Appended = await self._write(
+            functools.partial(_append_one, append), _append_many, append
+        )
         return result
 
     def _relative(self, body_file: Path | None) -> str | None:
