@@ -156,7 +156,6 @@ class Metrics:
         self.metriport_failed_seen = Gauge(
             "webhook_router_metriport_failed_seen",
             "Failed deliveries Metriport reported at the last check (-1: it could not count).",
-            multiprocess_mode="mostrecent",  # one figure for the service, not one per worker
             registry=r,
         )
         self.metriport_retries = Counter(

@@ -544,15 +544,3 @@ def test_the_direct_log_path_leaves_other_handlers_their_records(
         router_logger.removeHandler(keep)
     assert [r.getMessage() for r in seen] == ["accepted id=m-1"]
     assert capsys.readouterr().err.endswith(" INFO router.ingress accepted id=m-1\n")
-
-
-def test_every_gauge_says_how_workers_combine() -> None:
-    """With ``server.workers`` the gauges of all workers are combined (prometheus-client's
-    multiprocess mode): one left at the default ``all`` would show one series per worker pid."""
-    from prometheus_client import Gauge
-
-    from router.metrics import Metrics
-
-    gauges = [m for m in vars(Metrics()).values() if isinstance(m, Gauge)]
-    assert gauges
-    assert [g._name for g in gauges if g._multiprocess_mode == "all"] == []
