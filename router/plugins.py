@@ -638,6 +638,11 @@ def _log_hook_error(plugin: str, hook: str, e: BaseException) -> None:
     log.error(text)
 
 
+def observed(pm: pluggy.PluginManager, hook: str) -> bool:
+    """Whether any plugin implements ``hook`` (so a caller may skip building its arguments)."""
+    return bool(getattr(pm.hook, hook).get_hookimpls())
+
+
 async def notify(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
     """Call an observer hook through pluggy; a failure of any plugin is logged, never raised
     (each implementation is guarded at registration). An ``async`` implementation is awaited,

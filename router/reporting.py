@@ -29,18 +29,38 @@ class Reporter:
     ) -> None:
         """Report one attempt's outcomes; ``duration``: how long its ``send`` took."""
         metrics, sink = self.metrics, self.sink
+        # What is the same for the whole batch is looked up once (a batch of a busy sink holds
+        # dozens of messages, and this runs for each).
+        counts: dict[str, int] = {}
+        now = time.time()
+        ms = round(duration * 1000, 1)
+        lag = metrics.child(metrics.delivery_seconds, sink)
+        observed = plugins.observed(pm, "router_message_delivered")
         for done in each:
             m = done.message
             kind = done.kind
-            metrics.child(metrics.deliveries, sink, kind).inc()
-            fields = dict(id=m.message_id, type=m.type, sink=sink, attempt=m.attempt)
+            counts[kind] = counts.get(kind, 0) + 1
             if kind == "delivered":
-                metrics.child(metrics.delivery_seconds, sink).observe(time.time() - m.received_at)
-                emit(log, logging.INFO, kv("delivered", **fields, ms=round(duration * 1000, 1)))
-                await plugins.notify(
-                    pm, "router_message_delivered", message=m, sink=sink, duration=duration
+                lag.observe(now - m.received_at)
+                emit(
+                    log,
+                    logging.INFO,
+                    kv(
+                        "delivered",
+                        id=m.message_id,
+                        type=m.type,
+                        sink=sink,
+                        attempt=m.attempt,
+                        ms=ms,
+                    ),
                 )
-            elif kind == "retry":
+                if observed:
+                    await plugins.notify(
+                        pm, "router_message_delivered", message=m, sink=sink, duration=duration
+                    )
+                continue
+            fields = dict(id=m.message_id, type=m.type, sink=sink, attempt=m.attempt)
+            if kind == "retry":
                 retry_in = done.outcome.delay
                 log.warning(kv("retry", **fields, error=done.outcome.error, retry_in=retry_in))
                 await plugins.notify(
@@ -56,3 +76,5 @@ class Reporter:
                 await plugins.notify(
                     pm, "router_message_dead_lettered", message=m, sink=sink, error=done.error
                 )
+        for outcome, count in counts.items():
+            metrics.child(metrics.deliveries, sink, outcome).inc(count)
