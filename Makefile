@@ -122,6 +122,12 @@ bench-app: $(VENV)/.installed
 	$(BIN)/python bench/app_cost.py --log-level WARNING
 	$(BIN)/python bench/app_cost.py --no-sink --log-level WARNING
 
+## bench-instructions: instructions per request, floor and router, under callgrind (valgrind,
+## from Debian's packages): the per-core ratio without the machine's drift (~5 min)
+bench-instructions: $(VENV)/.installed
+	@command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind"; exit 1; }
+	$(BIN)/python bench/instructions.py $(BENCH_INSTRUCTIONS_ARGS)
+
 ## bench-profile: where the router's CPU goes under wrk load (py-spy, installed into .venv)
 bench-profile: $(VENV)/.installed bench-tools
 	$(BIN)/python -m pip install --quiet py-spy
