@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-monitoring check-config clean soak bench bench-quick bench-profile bench-soak bench-workers bench-postgres bench-tools
+.PHONY: run test lint check-monitoring check-config clean soak bench bench-quick bench-profile bench-app bench-instructions bench-soak bench-workers bench-postgres bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
