@@ -252,7 +252,7 @@ def _sink(
         report(src, path, e, {(): cls.Options}, extra_allowed=COMMON_KEYS)
     if common is None or options is None:
         return None
-    return SinkConfig(
+    sink = SinkConfig(
         name=name,
         type=cls.type,
         cls=cls,
@@ -263,6 +263,14 @@ def _sink(
         batch_size=common.batch_size or cls.default_batch_size,
         ordered=common.ordered,
     )
+    try:
+        # Made once here (a sink's constructor does no I/O: ``open`` does), so that one that
+        # raises (a plugin's bad metric name, say) is a problem at its line, not a crash.
+        sink.build(context["base_dir"])
+    except Exception as e:
+        src.problem((*path, "type"), f"a {cls.type} sink cannot be made: {plugins.raised(e)}")
+        return None
+    return sink
 
 
 def _check_route_targets(src: yamlsource.Source, sinks: Mapping[str, Any]) -> None:

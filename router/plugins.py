@@ -625,6 +625,22 @@ async def _awaited(result: Awaitable[Any], plugin: str, hook: str) -> None:
         _log_hook_error(plugin, hook, e)
 
 
+_ROUTER_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def raised(e: BaseException) -> str:
+    """``ValueError: its text (at file:line)`` for an exception a plugin raised where no
+    message is at hand (a sink's constructor, at load): its text says what was wrong."""
+    frames = traceback.extract_tb(e.__traceback__)
+    # Where the plugin's code called into ours (``context.metrics.counter(...)``) says more
+    # than the line of ours that raised.
+    theirs = [f for f in frames if not f.filename.startswith(_ROUTER_DIR)]
+    frame = (theirs or frames)[-1] if frames else None
+    where = f" (at {frame.filename}:{frame.lineno})" if frame else ""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}{': ' + text if text else ''}{where}"
+
+
 def _log_hook_error(plugin: str, hook: str, e: BaseException) -> None:
     # The exception's text may quote whatever the plugin touched: its class and where it was
     # raised only; at debug level also the frames (files, lines, code: no values, no text).

@@ -912,3 +912,43 @@ def test_an_installed_plugin_gets_its_options_by_its_entry_point_name(
     done = cli("check", "--config", str(path), env=env)
     assert done.returncode == 2
     assert "plugin opts needs options (tenant): add `- opts: {…}` under plugins:" in done.stderr
+
+
+RAISING_SINK = """\
+from router import Sink, SinkOptions, hookimpl
+
+
+class Raising(Sink[SinkOptions]):
+    type = "raising"
+
+    def __init__(self, options, context):
+        super().__init__(options, context)
+        context.metrics.counter("not a name!", "what the plugin counts")
+
+    async def send(self, batch):
+        return None
+
+
+@hookimpl
+def router_sink_types():
+    return [Raising]
+"""
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_sink_whose_constructor_raises_is_a_problem_at_its_line(
+    tmp_path: Path, command: str
+) -> None:
+    """Before: ``check`` printed OK, then a traceback; ``serve`` stopped with only
+    "unexpectedly: ValueError". The sink is made once at load, so it is a problem like any
+    other, naming the plugin's line."""
+    (tmp_path / "raising.py").write_text(RAISING_SINK)
+    path = cli_config(tmp_path, "  r: {type: raising}\n", plugins="[raising.py]")
+    done = cli(command, "--config", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if " r: " in text)
+    assert problem_lines(done.stderr) == [
+        f"{path}:{line}: sinks.r.type: a raising sink cannot be made: ValueError: invalid metric"
+        f" name 'not a name!': letters, digits and '_' only (at {tmp_path / 'raising.py'}:9)"
+    ]

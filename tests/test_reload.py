@@ -317,7 +317,8 @@ async def test_a_changed_sinks_pending_deliveries_continue_to_its_new_instance(
     (v1,) = {s.instance for s in tracker.sent if s.tag == "v1"}
     successes = [s for s in tracker.sent if s.ok]
     assert sorted(s.message_id for s in successes) == ids  # each exactly once
-    assert {(s.tag, s.instance) for s in successes} == {("v2", v1 + 1)}
+    (instance,) = {(s.tag, s.instance) for s in successes}  # one instance delivered them all
+    assert instance[0] == "v2" and instance[1] > v1  # the new runner's
     assert all(s.attempt > 1 for s in successes)  # the attempts went on from where they were
     assert not any(s.ok for s in tracker.sent if s.tag == "v1")
     assert rows_by_message(config) == {mid: {"s": "delivered"} for mid in ids}
