@@ -34,7 +34,7 @@ from router.auth import Verifier
 from router.config import Config, load_config
 from router.dispatcher import Dispatcher
 from router.errors import ConfigError, JournalUnavailable, ListenError
-from router.health import is_ready
+from router.health import is_ready, readiness
 from router.ingress import Ingress, Runtime
 from router.journal import Journal, journal_for
 from router.logs import kv
@@ -47,6 +47,8 @@ log = logging.getLogger("router")
 #: How long deliveries in flight may take to finish at shutdown before they are cancelled
 #: (a cancelled delivery stays pending and is sent again after the restart).
 DELIVERY_DRAIN_SECONDS = 5.0
+#: How often each process works out ``webhook_router_ready`` between scrapes.
+READY_EVERY = 5.0
 #: The retention sweep's first run after start (its period is ``journal.sweep_every``).
 FIRST_SWEEP_AFTER = 60.0
 #: What a reload cannot change (the listening sockets and the journal stay as they are).
@@ -161,6 +163,7 @@ class Daemon:
             if worker is None or worker.index == 0:
                 tg.start_soon(self._sweep_periodically)
             tg.start_soon(self._watchdog)
+            tg.start_soon(self._track_readiness)
             tg.start_soon(self.resender.run)
             if admin is not None:
                 admin_app = Ingress(self.ingress.runtime, webhook=False)
@@ -313,6 +316,16 @@ class Daemon:
         self.metrics.swept.inc(removed)
         if removed:
             log.info(kv("swept", messages=removed, retention_s=config.journal.retention))
+
+    async def _track_readiness(self) -> None:
+        """Keep ``webhook_router_ready`` what ``/readyz`` would say, so that an alert needs no
+        probe of its own. Every process does (with ``server.workers`` a scrape reaches one
+        worker, and the gauge's minimum over the live ones is what is served); the commit
+        proof is ``/readyz``'s, shared, and made at most once a second."""
+        while True:
+            why = await readiness(self.ingress.runtime, self.ingress.commit_probe)
+            self.metrics.ready.set(why is None)
+            await anyio.sleep(READY_EVERY)
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog while the journal writer is alive."""

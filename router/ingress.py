@@ -47,7 +47,7 @@ from router.config import Config
 from router.diskbudget import STEP, OverBudget, Ticket, budget_for
 from router.dispatcher import Dispatcher
 from router.errors import JournalUnavailable
-from router.health import CommitProbe, readyz
+from router.health import CommitProbe, readiness, readyz
 from router.journal import Journal
 from router.logs import emit, kv
 from router.message import Message
@@ -91,7 +91,7 @@ class Ingress:
         #: may then hold failed messages (``router.metriport.Resender.refused``).
         self.on_refused: Callable[[], None] | None = None
         #: Proves the journal can commit for ``/readyz`` (one write a second at most).
-        self._commit_probe = CommitProbe()
+        self.commit_probe = CommitProbe()
 
     def _refused(self) -> None:
         if self.on_refused is not None:
@@ -114,12 +114,13 @@ class Ingress:
             elif path == "/healthz":
                 await respond(send, 200, b'{"status":"ok"}', JSON)
             elif path == "/readyz":
-                ready, body = await readyz(rt, self._commit_probe, self.workers)
+                ready, body = await readyz(rt, self.commit_probe, self.workers)
                 if not ready:
                     self._refused()
                 await respond(send, 200 if ready else 503, body, JSON)
             else:
                 await rt.metrics.refresh(rt.journal, rt.dispatcher.runners)
+                rt.metrics.ready.set(await readiness(rt, self.commit_probe) is None)
                 await respond(send, 200, rt.metrics.render(), CONTENT_TYPE.encode())
         else:
             await respond(send, 404, b'{"error":"not found"}', JSON)

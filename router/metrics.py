@@ -95,6 +95,14 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
             registry=r,
         )
+        self.ready = Gauge(
+            "webhook_router_ready",
+            "1 when /readyz would answer 200 (the journal commits, its disk has room), else 0;"
+            " kept current every few seconds and at each scrape (with server.workers: 0 while"
+            " any worker is not ready).",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.sink_up = Gauge(
             "webhook_router_sink_up",
             "1 when the sink opened and its last send worked.",

@@ -38,9 +38,8 @@ ALERTS = MONITORING / "alerts.yml"
 #: How every panel, target and query variable names its data source: the dashboard's variable.
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 #: Series the rules and the dashboard use that the router cannot export itself, with their
-#: labels: Prometheus's own per target, and the blackbox exporter's probe of /readyz (the
-#: router has no readiness metric; monitoring/README.md shows the probe's configuration).
-EXTERNAL = {"up": {"job", "instance"}, "probe_success": {"job", "instance"}}
+#: labels: Prometheus's own per target.
+EXTERNAL = {"up": {"job", "instance"}}
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
 #: What Grafana's own variables stand for when an expression is parsed.
@@ -228,7 +227,7 @@ def test_the_dashboard_shows_what_operators_asked_for() -> None:
         "webhook_router_dead_letters",
         "webhook_router_journal_bytes",
         "webhook_router_verification_failures_total",
-        "probe_success",
+        "webhook_router_ready",
         'status="503"',
     ):
         assert needed in exprs, needed
@@ -343,9 +342,8 @@ def test_the_check_finds_a_misspelt_series_and_a_missing_label() -> None:
 
 # -- the rules and the dashboard on a real Prometheus --------------------------------------------
 
-#: Panels whose query is empty while nothing fails: no 503 has been answered, and no blackbox
-#: exporter probes /readyz here.
-EMPTY_WHEN_HEALTHY = ('status="503"', "probe_success")
+#: Panels whose query is empty while nothing fails: no 503 has been answered.
+EMPTY_WHEN_HEALTHY = ('status="503"',)
 
 
 def free_port() -> int:
@@ -422,7 +420,6 @@ def grafana_filled(expr: str) -> str:
         "job": "webhook-router",
         "instance": ".*",
         "sink": ".*",
-        "readyz_job": "webhook-router-readyz",
         "__rate_interval": "1m",
     }
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m[1]], expr)
