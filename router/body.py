@@ -67,15 +67,23 @@ def take_queued(
     """What ``read_body`` does, for a whole body already queued (``queued``): it stays in
     memory, so nothing waits."""
     for event in events:
-        if event["type"] == "http.disconnect":
-            raise Disconnected
-        chunk = event.get("body", b"")
+        chunk = _piece(event, limit, update, spool)
         if chunk:
-            if spool.size + len(chunk) > limit:
-                raise TooLarge
-            update(chunk)
             spool.keep(chunk)
             hold(spool.held)
+
+
+def _piece(event: Event, limit: int, update: Callable[[bytes], None], spool: Spool) -> bytes:
+    """A request event's body piece, fed to the signature check; ``Disconnected`` for a
+    disconnect, ``TooLarge`` past ``limit``."""
+    if event["type"] == "http.disconnect":
+        raise Disconnected
+    chunk: bytes = event.get("body", b"")
+    if chunk:
+        if spool.size + len(chunk) > limit:
+            raise TooLarge
+        update(chunk)
+    return chunk
 
 
 def replay(events: list[Event], receive: Receive) -> Receive:
@@ -105,13 +113,8 @@ async def read_body(
     async with spool.receiving():
         while True:
             event = await receive()
-            if event["type"] == "http.disconnect":
-                raise Disconnected
-            chunk = event.get("body", b"")
+            chunk = _piece(event, limit, update, spool)
             if chunk:
-                if spool.size + len(chunk) > limit:
-                    raise TooLarge
-                update(chunk)
                 on_disk(spool.size + len(chunk))
                 try:
                     await spool.write(chunk)
