@@ -22,6 +22,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -97,7 +99,8 @@ async def _drive(
                 await one(*signed[i])
 
         sink = config_path.parent / "out" / "messages.jsonl"
-        threads0 = _thread_cpu()
+        _callgrind(out, "-z")  # under callgrind: count from here
+        threads0, kernel0 = _thread_cpu(), _thread_cpu(kernel=True)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         async with anyio.create_task_group() as callers:
             for k in range(concurrency):
@@ -106,8 +109,10 @@ async def _drive(
         while delivered and _lines(sink) < n:  # noqa: ASYNC110 (polling a file another thread writes)
             await anyio.sleep(0.005)
         cpu1, wall1 = time.process_time(), time.perf_counter()
-        threads1 = _thread_cpu()
+        threads1, kernel1 = _thread_cpu(), _thread_cpu(kernel=True)
+        _callgrind(out, "-d")  # … to here
         stop.set()
+    out.pop("callgrind", None)
     out.update(
         messages=n,
         statuses=statuses,
@@ -117,13 +122,29 @@ async def _drive(
             for name, t in sorted(threads1.items(), key=lambda kv: -kv[1])
             if t - threads0.get(name, 0.0) > 0
         },
+        of_which_kernel_us={
+            name: round((t - kernel0.get(name, 0.0)) / n * 1e6, 1)
+            for name, t in sorted(kernel1.items(), key=lambda kv: -kv[1])
+            if t - kernel0.get(name, 0.0) > 0
+        },
         wall_s_to_last_ack=round(acked - wall0, 3),
         wall_s_to_all_delivered=round(wall1 - wall0, 3),
     )
 
 
-def _thread_cpu() -> dict[str, float]:
-    """CPU seconds per thread name (``/proc/self/task``), for where the time goes."""
+def _callgrind(out: dict[str, Any], option: str) -> None:
+    """Under ``--callgrind``: zero (``-z``) or dump (``-d``) this process's counts."""
+    if out.get("callgrind"):
+        subprocess.run(
+            [shutil.which("callgrind_control") or "callgrind_control", option, str(os.getpid())],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _thread_cpu(kernel: bool = False) -> dict[str, float]:
+    """CPU seconds per thread name (``/proc/self/task``), for where the time goes (``kernel``:
+    only the time in system calls, such as fsync and writes)."""
     tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name.split(" (")[0] for t in threading.enumerate()}
     out: dict[str, float] = {}
@@ -134,7 +155,8 @@ def _thread_cpu() -> dict[str, float]:
             continue
         name = names.get(int(task.name), "other")
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        ticks = int(fields[12]) + (0 if kernel else int(fields[11]))
+        out[name] = out.get(name, 0.0) + ticks / tick
     return out
 
 
@@ -146,6 +168,37 @@ def _lines(path: Path) -> int:
         return 0
 
 
+def _under_callgrind(a: argparse.Namespace) -> None:
+    """Run this script again under callgrind, counting the measured window only."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("--callgrind needs valgrind (Debian's valgrind package)")
+    with tempfile.TemporaryDirectory(prefix="app-cost-cg-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        argv = [sys.argv[0], "-n", str(a.n), "-c", str(a.c), "--json", "--log-level", a.log_level]
+        argv += ["--no-sink"] if a.no_sink else []
+        env = {**os.environ, "APP_COST_CALLGRIND": "1"}
+        valgrind = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            "--dump-instr=no",
+        ]
+        run = subprocess.run(
+            [*valgrind, sys.executable, *argv], env=env, capture_output=True, text=True, check=True
+        )
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        dumps = [p for p in sorted(Path(tmp).glob("callgrind.out.*"))]
+        total = 0
+        for line in dumps[-1].read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = int(line.split()[1])
+        result["instructions_per_message"] = round(total / a.n)
+        for key in ("cpu_us_per_message", "by_thread_us_per_message"):
+            result.pop(key, None)  # under callgrind, meaningless
+        for k, v in result.items():
+            print(f"{k:28} {v}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=20000, help="messages (default 20,000)")
@@ -155,7 +208,15 @@ def main() -> None:
     p.add_argument(
         "--no-sink", action="store_true", help="route to no sink (what accepting alone costs)"
     )
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run under callgrind and print instructions per message (the same from run to run)",
+    )
     a = p.parse_args()
+    if a.callgrind:
+        _under_callgrind(a)
+        return
     with tempfile.TemporaryDirectory(prefix="app-cost-") as tmp:
         work = Path(tmp)
         config = work / "config.yaml"
@@ -168,7 +229,7 @@ def main() -> None:
         log_file = (work / "router.log").open("w")
         sys.stderr, real_stderr = log_file, sys.stderr
         logs.setup(a.log_level, "plain")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"callgrind": bool(os.environ.get("APP_COST_CALLGRIND"))}
         try:
             anyio.run(
                 _drive,

@@ -2,7 +2,7 @@
 past ``SPOOL_THRESHOLD``, feeding the signature check piece by piece as it arrives.
 
 A body the server has queued whole already (the usual webhook of a few KB) is taken at once,
-with no timer and no spool task (``queued``, ``take_queued``); any other is read as it comes
+with no timer and no spool task (``queued``, ``take_whole``); any other is read as it comes
 (``read_body``), under the ingress's ``body_timeout``. What ends a body early is an exception:
 ``TooLarge`` (past ``max_body_bytes``), ``Disconnected``, ``NotStored`` (a write failed).
 """
@@ -57,30 +57,33 @@ def queued(receive: Receive, threshold: int) -> tuple[list[Event], bool]:
     return events, False
 
 
-def take_queued(
-    events: list[Event],
-    limit: int,
-    update: Callable[[bytes], None],
-    hold: Callable[[int], None],
-    spool: Spool,
-) -> None:
-    """What ``read_body`` does, for a whole body already queued (``queued``): it stays in
-    memory, so nothing waits."""
+def take_whole(events: list[Event], limit: int, update: Callable[[bytes], None]) -> bytes:
+    """The body a server queued whole (``queued``), fed to the signature check: what
+    ``read_body`` makes of it, with nothing to wait for. ``Disconnected`` for a disconnect,
+    ``TooLarge`` past ``limit``."""
+    if len(events) == 1 or (len(events) == 2 and not events[1].get("body")):
+        # One piece, perhaps followed by an empty last one (as hypercorn queues a body).
+        chunk = _piece(events[0], limit, update, 0)
+        if len(events) == 2:
+            _piece(events[1], limit, update, len(chunk))
+        return chunk
+    pieces: list[bytes] = []
+    size = 0
     for event in events:
-        chunk = _piece(event, limit, update, spool)
-        if chunk:
-            spool.keep(chunk)
-            hold(spool.held)
+        chunk = _piece(event, limit, update, size)
+        size += len(chunk)
+        pieces.append(chunk)
+    return b"".join(pieces)
 
 
-def _piece(event: Event, limit: int, update: Callable[[bytes], None], spool: Spool) -> bytes:
-    """A request event's body piece, fed to the signature check; ``Disconnected`` for a
-    disconnect, ``TooLarge`` past ``limit``."""
+def _piece(event: Event, limit: int, update: Callable[[bytes], None], size: int) -> bytes:
+    """A request event's body piece (``size`` bytes came before it), fed to the signature
+    check; ``Disconnected`` for a disconnect, ``TooLarge`` past ``limit``."""
     if event["type"] == "http.disconnect":
         raise Disconnected
     chunk: bytes = event.get("body", b"")
     if chunk:
-        if spool.size + len(chunk) > limit:
+        if size + len(chunk) > limit:
             raise TooLarge
         update(chunk)
     return chunk
@@ -113,7 +116,7 @@ async def read_body(
     async with spool.receiving():
         while True:
             event = await receive()
-            chunk = _piece(event, limit, update, spool)
+            chunk = _piece(event, limit, update, spool.size)
             if chunk:
                 on_disk(spool.size + len(chunk))
                 try:

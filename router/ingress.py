@@ -40,9 +40,9 @@ from router.admission import (
     refused_by_headers,
     reserve,
 )
-from router.asgi import CLOSE, JSON, Receive, Scope, Send, error_body, lifespan, respond
+from router.asgi import CLOSE, JSON, Event, Receive, Scope, Send, error_body, lifespan, respond
 from router.auth import Verification, Verifier
-from router.body import Disconnected, NotStored, TooLarge, queued, read_body, replay, take_queued
+from router.body import Disconnected, NotStored, TooLarge, queued, read_body, replay, take_whole
 from router.config import Config
 from router.diskbudget import STEP, OverBudget, Ticket, budget_for
 from router.dispatcher import Dispatcher
@@ -170,6 +170,11 @@ class Ingress:
             # The body is left unread, so the connection cannot carry another request: say
             # so, or a keep-alive client sends its next request into a closed connection.
             return await respond(send, 401, headers=[CLOSE])
+        events, whole = queued(receive, SPOOL_THRESHOLD)
+        if whole:  # the usual webhook: all here already (see ``_whole``)
+            return await self._whole(rt, send, start, held, verification, events)
+        if events:
+            receive = replay(events, receive)
         ticket = budget_for(rt.journal.local_dir).ticket()
         try:
             declared = content_length(scope["headers"])
@@ -231,14 +236,8 @@ class Ingress:
                 reserve(rt.journal, server, ticket, more, size)
 
         try:
-            events, whole = queued(receive, spool.threshold)
-            if whole:  # the usual webhook: all here already, so no timer and no spool task
-                take_queued(events, limit, verification.update, hold, spool)
-            else:
-                if events:
-                    receive = replay(events, receive)
-                with anyio.fail_after(server.body_timeout):
-                    await read_body(receive, limit, verification.update, hold, on_disk, spool)
+            with anyio.fail_after(server.body_timeout):
+                await read_body(receive, limit, verification.update, hold, on_disk, spool)
         except TooLarge:
             text = f"body larger than {limit} bytes"
             return await respond(send, 413, error_body(text), JSON, [CLOSE])
@@ -257,6 +256,46 @@ class Ingress:
             return 499
         return 0
 
+    async def _whole(
+        self,
+        rt: Runtime,
+        send: Send,
+        start: float,
+        held: Held,
+        verification: Verification,
+        events: list[Event],
+    ) -> int:
+        """``_admitted`` for a body the server has queued whole already, within the spool
+        threshold (``router.body.queued``): what the general path does, less what only a body
+        still arriving or going to disk needs (the body timer, the spool and its task, the
+        disk budget's ticket). Most webhooks take this path: it is the per-request cost."""
+        try:
+            body = take_whole(events, rt.config.server.max_body_bytes, verification.update)
+            self.admission.hold(held, len(body), rt.config.server)
+        except TooLarge:
+            text = f"body larger than {rt.config.server.max_body_bytes} bytes"
+            return await respond(send, 413, error_body(text), JSON, [CLOSE])
+        except Overloaded:
+            return await self._overloaded(send, "too many request bodies in memory")
+        except Disconnected:
+            return 499
+        if not verification.verified():
+            rt.metrics.verification_failures.inc()
+            log.warning(kv("rejected", reason="verification failed", bytes=len(body)))
+            return await respond(send, 401)
+        try:
+            if len(body) >= PARSE_IN_THREAD_BYTES:
+                parsed = await anyio.to_thread.run_sync(parse, body)
+            else:
+                parsed = parse(body)
+        except BadMessage as e:
+            log.warning(kv("rejected", reason=str(e), bytes=len(body)))
+            return await respond(send, 400, error_body(str(e)), JSON)
+        pong = _pong(parsed)
+        if parsed.is_ping and not rt.config.server.route_ping:
+            return await respond(send, 200, pong, JSON)
+        return await self._journal(rt, send, start, parsed, body, None, pong)
+
     async def _unverified(self, rt: Runtime, send: Send, spool: Spool) -> int:
         await spool.discard()  # at once: its bytes are nobody's
         rt.metrics.verification_failures.inc()
@@ -272,16 +311,18 @@ class Ingress:
         start: float,
         parsed: Parsed,
         body: bytes | None,
-        spool: Spool,
+        spool: Spool | None,
         pong: bytes,
     ) -> int:
         """Store the message with one delivery per routed sink, then answer: 200 once it is
-        durable (a duplicate too), 503 if it cannot be stored."""
-        size = spool.size
+        durable (a duplicate too), 503 if it cannot be stored. ``spool``: where a body that is
+        not in memory (``body`` None) is; None for a body that never left memory."""
+        size = len(body) if body is not None else spool.size if spool is not None else 0
         sinks = rt.config.routes.sinks_for(parsed.type)
         try:
             body_file = None
             if body is None:
+                assert spool is not None
                 body_file = rt.journal.body_path(await spool.seal())
             message = Message(
                 parsed.message_id,
@@ -303,7 +344,7 @@ class Ingress:
                 ordered=rt.config.routes_ordered(sinks),
                 lease=dispatcher.lease,
             )
-            if body_file is not None and not appended.duplicate:
+            if spool is not None and body_file is not None and not appended.duplicate:
                 spool.path = None  # the journal has it now
         except OSError as e:
             return await self._not_stored(rt, send, spool, e, [], parsed.type)
@@ -330,18 +371,21 @@ class Ingress:
         self,
         rt: Runtime,
         send: Send,
-        spool: Spool,
+        spool: Spool | None,
         error: OSError,
         headers: Sequence[tuple[bytes, bytes]],
         type_: str | None = None,
     ) -> int:
         """A body write failed (ENOSPC, EIO, …): nothing of it is kept, and ``/readyz`` says
         the journal is failing until there is space again."""
-        await spool.discard()
+        size = 0
+        if spool is not None:
+            await spool.discard()
+            size = spool.size
         self._refused()
         reason = f"cannot store: {error.strerror or type(error).__name__}"
         budget_for(rt.journal.local_dir).write_error = reason
-        log.error(kv("refused", type=type_, error=reason, bytes=spool.size))
+        log.error(kv("refused", type=type_, error=reason, bytes=size))
         text = error_body("journal unavailable: message not stored")
         return await respond(send, 503, text, JSON, headers)
 

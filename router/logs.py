@@ -33,7 +33,12 @@ class Event(str):
 
     def __new__(cls, event: str, fields: dict[str, Any]) -> Event:
         parts = [event]
-        parts.extend(f"{k}={_value(v)}" for k, v in fields.items())
+        for k, v in fields.items():  # ``_value``, inlined for the usual str and int values
+            t = type(v)
+            if t is int or (t is str and _plain(v)):
+                parts.append(f"{k}={v}")
+            else:
+                parts.append(f"{k}={_value(v)}")
         self = super().__new__(cls, " ".join(parts))
         self.event = event
         self.fields = fields
@@ -189,11 +194,16 @@ def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text`` can be a value as it is (else it is quoted and escaped)."""
+    return bool(text) and text.isprintable() and not (" " in text or '"' in text or "=" in text)
+
+
 def _value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     text = str(v)
-    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+    if _plain(text):
         return text
     escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
     return f'"{escaped}"'
@@ -207,4 +217,6 @@ def _json_value(v: Any) -> Any:
 
 def kv(event: str, **fields: Any) -> Event:
     """``event key=value ...`` with safe quoting; ``None`` fields are left out."""
-    return Event(event, {k: v for k, v in fields.items() if v is not None})
+    if None in fields.values():
+        fields = {k: v for k, v in fields.items() if v is not None}
+    return Event(event, fields)
