@@ -60,6 +60,24 @@ _PLACEHOLDER = re.compile(r"\{(type|date|messageId)\}")
 _PATHS_KEPT = 4096
 
 
+#: ``json.dumps(..., separators=(",", ":"))`` without a new encoder per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _envelope_head(message: Message) -> bytes:
+    """The envelope line up to its body: ``{"messageId":…,"type":…,"when":…,"receivedAt":…,
+    "body":``."""
+    head = _COMPACT.encode(
+        {
+            "messageId": message.message_id,
+            "type": message.type,
+            "when": message.when,
+            "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
+        }
+    )
+    return head[:-1].encode() + b',"body":'
+
+
 class FileOptions(SinkOptions):
     path: ConfigPath
     format: Literal["envelope", "raw"] = "envelope"
@@ -134,16 +152,7 @@ class FileSink(Sink[FileOptions]):
     def line_chunks(self, message: Message) -> Iterator[bytes]:
         """The line for a message in pieces, reading a large body from its file as it goes."""
         if self.options.format == "envelope":
-            head = json.dumps(
-                {
-                    "messageId": message.message_id,
-                    "type": message.type,
-                    "when": message.when,
-                    "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
-                },
-                separators=(",", ":"),
-            )
-            yield head[:-1].encode() + b',"body":'
+            yield _envelope_head(message)
         first = True
         for chunk in message.body_chunks():
             if b"\n" in chunk or b"\r" in chunk:

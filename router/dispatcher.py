@@ -253,7 +253,7 @@ class SinkRunner:
                 )
                 log.error(kv("dead-letter", sink=self.name, count=len(missing), reason="missing"))
             batch = [
-                (c, stored[c.seq].with_attempt(c.attempts + 1)) for c in claims if c.seq in stored
+                (c, _as_attempt(stored[c.seq], c.attempts + 1)) for c in claims if c.seq in stored
             ]
             if batch:
                 await self._attempt(batch)
@@ -296,6 +296,12 @@ class SinkRunner:
             0 if verdict.failed == len(batch) else 1
         )
         await self._reporter.report(verdict.each, duration, self.pm)
+
+
+def _as_attempt(message: Message, attempt: int) -> Message:
+    """``message`` as attempt ``attempt`` sees it: itself when it says so already (a message
+    just received, on its first attempt), else a copy (``Message.with_attempt``)."""
+    return message if message.attempt == attempt else message.with_attempt(attempt)
 
 
 def router_id() -> str:

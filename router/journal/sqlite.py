@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
     sink TEXT NOT NULL,
     order_key TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    -- (Spelled with OR: an IN list builds a table each time a row is checked.)
+    state TEXT NOT NULL CHECK (state = 'pending' OR state = 'delivered' OR state = 'dead'),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
@@ -241,7 +242,7 @@ def _append_one(append: _Append, conn: sqlite3.Connection) -> Appended:
     _, seq, duplicates = conn.execute(_insert_messages(1), append.row).fetchone()
     if duplicates:
         return Appended(seq, duplicate=True)
-    conn.executemany(_INSERT_DELIVERY, _delivery_rows(seq, append))
+    _insert_deliveries(conn, _delivery_rows(seq, append))
     return Appended(seq, duplicate=False, claimed=append.claimed)
 
 
@@ -266,9 +267,27 @@ def _append_many(conn: sqlite3.Connection, appends: list[_Append]) -> list[Appen
         else:
             deliveries += _delivery_rows(seq, a)
             results.append(Appended(seq, duplicate=False, claimed=a.claimed))
-    if deliveries:
-        conn.executemany(_INSERT_DELIVERY, deliveries)
+    _insert_deliveries(conn, deliveries)
     return results
+
+
+#: Delivery rows per INSERT statement (8 parameters each: well within SQLite's 32,766).
+_DELIVERIES_PER_INSERT = 1000
+
+
+def _insert_deliveries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert delivery rows, many per statement: ``executemany`` runs the statement once per
+    row, and each run has a fixed cost (a statement transaction, the state CHECK's table)
+    about as large as the row's own."""
+    for i in range(0, len(rows), _DELIVERIES_PER_INSERT):
+        chunk = rows[i : i + _DELIVERIES_PER_INSERT]
+        conn.execute(_insert_delivery_rows(len(chunk)), [v for row in chunk for v in row])
+
+
+@functools.cache
+def _insert_delivery_rows(rows: int) -> str:
+    head, values = _INSERT_DELIVERY.split("VALUES")
+    return f"{head}VALUES {', '.join([values.strip()] * rows)}"
 
 
 def _delivery_rows(seq: int, append: _Append) -> list[tuple[Any, ...]]:
