@@ -112,34 +112,47 @@ def refused_by_headers(
 ) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
     """A refusal the headers alone decide, so that none of the body is read: (status, reason,
     extra response headers), or None."""
+    # One pass over the headers (this runs for every request).
+    size = 0
+    length: bytes | None = None
+    chunked = False
+    codings: list[bytes] = []
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+        if name == b"content-length":
+            if length is None:
+                length = value
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-encoding":
+            codings.append(value)
     # hypercorn's limit (h11's) holds only while headers arrive in pieces: checked here too.
-    if sum(len(name) + len(value) + 4 for name, value in headers) > server.max_header_bytes:
+    if size > server.max_header_bytes:
         return 431, f"request headers larger than {server.max_header_bytes} bytes", []
-    framings = {name for name, _ in headers if name in (b"content-length", b"transfer-encoding")}
-    if len(framings) == 2:
+    if length is not None and chunked:
         # Servers and proxies disagree about which one frames the body (request smuggling).
         return 400, "both Content-Length and Transfer-Encoding: send only one", []
     limit = server.max_body_bytes
-    if content_length(headers) > limit:
+    if length is not None and _as_length(length) > limit:
         return 413, f"body larger than {limit} bytes", []
-    codings = [
-        coding.strip().lower()
-        for name, value in headers
-        if name == b"content-encoding"
-        for coding in value.split(b",")
-    ]
-    if any(coding not in (b"", b"identity") for coding in codings):
-        # What is signed, stored and forwarded is the body as sent: uncompressed JSON.
-        text = "Content-Encoding is not supported: send the body uncompressed"
-        return 415, text, [(b"accept-encoding", b"identity")]
+    for value in codings:
+        for coding in value.split(b","):
+            if coding.strip().lower() not in (b"", b"identity"):
+                # What is signed, stored and forwarded is the body as sent: uncompressed JSON.
+                text = "Content-Encoding is not supported: send the body uncompressed"
+                return 415, text, [(b"accept-encoding", b"identity")]
     return None
 
 
 def content_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     for name, value in headers:
         if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0
+            return _as_length(value)
     return 0
+
+
+def _as_length(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0

@@ -31,7 +31,7 @@ from router.sink import SendResult, batch_errors
 Kind = Literal["delivered", "retry", "dead"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class Attempted:
     """One delivery after the attempt: ``outcome`` is what the journal records (its
     ``error`` the text stored and logged, its ``delay`` when a retry falls due); ``error`` the
@@ -43,7 +43,7 @@ class Attempted:
     error: BaseException | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class Verdict:
     """Every delivery of one attempt: ``outcomes`` to record (in batch order), ``each`` to
     report; ``failed`` how many were not delivered and ``error`` the first one's text (None

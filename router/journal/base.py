@@ -49,7 +49,7 @@ DeliveryState = Literal["pending", "delivered", "dead"]
 DEFAULT_LEASE = 30.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class Appended:
     """What ``append`` did: ``seq`` is the message's row; ``duplicate`` means the message id
     was already stored, so nothing new will be delivered; ``claimed`` are the sinks whose new
@@ -60,7 +60,7 @@ class Appended:
     claimed: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class Claim:
     """A delivery this router holds: its message row, the attempts made so far, and the
     fencing token its outcome must be recorded with."""
@@ -74,7 +74,7 @@ class Claim:
 FIRST_TOKEN = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class Outcome:
     """The new state of one delivery after an attempt. ``delay`` (seconds from the database's
     now) is when a pending delivery falls due again."""

@@ -228,7 +228,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention: frozen costs a setattr per field
 class _Append:
     """One message to store: its ``messages`` row, and its deliveries' rows but for ``seq``
     (order key, sink, received at, lease owner, lease length, token)."""
