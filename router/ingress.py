@@ -405,11 +405,9 @@ def _accepted(rt: Runtime, message: Message, sinks: Sequence[str], size: int, st
     emit(
         log,
         logging.INFO,
-        kv(
-            "accepted",
-            id=message.message_id,
-            type=message.type,
-            bytes=size,
-            sinks=",".join(sinks) or "(unrouted)",
-        ),
+        "accepted",
+        id=message.message_id,
+        type=message.type,
+        bytes=size,
+        sinks=",".join(sinks) or "(unrouted)",
     )

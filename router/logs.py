@@ -32,17 +32,29 @@ class Event(str):
     fields: dict[str, Any]
 
     def __new__(cls, event: str, fields: dict[str, Any]) -> Event:
-        parts = [event]
-        for k, v in fields.items():  # ``_value``, inlined for the usual str and int values
-            t = type(v)
-            if t is int or (t is str and _plain(v)):
-                parts.append(f"{k}={v}")
-            else:
-                parts.append(f"{k}={_value(v)}")
-        self = super().__new__(cls, " ".join(parts))
+        self = super().__new__(cls, _text(event, fields))
         self.event = event
         self.fields = fields
         return self
+
+
+def _text(event: str, fields: dict[str, Any]) -> str:
+    """``event key=value ...`` (the plain form of an ``Event``)."""
+    parts = [event]
+    for k, v in fields.items():  # ``_value``, inlined for the usual values (once per message)
+        t = type(v)
+        if t is str:
+            if v and v.isprintable() and not (" " in v or '"' in v or "=" in v):
+                parts.append(f"{k}={v}")
+                continue
+        elif t is int:
+            parts.append(f"{k}={v}")
+            continue
+        elif t is float:
+            parts.append(f"{k}={v:.3f}")
+            continue
+        parts.append(f"{k}={_value(v)}")
+    return " ".join(parts)
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,7 +102,7 @@ class PlainFormatter(logging.Formatter):
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{_msecs(created):03d}"
+        return f"{self._stamp},{int((created - second) * 1000):03d}"  # (``_msecs``)
 
     def format_event(self, created: float, levelname: str, name: str, event: Event) -> str:
         """What ``format`` makes of a record of ``event`` (``emit``'s direct path)."""
@@ -124,48 +136,69 @@ class CoalescingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _installed: CoalescingHandler | None = None
 
 
-def emit(logger: logging.Logger, level: int, event: Event) -> None:
-    """``logger.log(level, event)``, for the lines logged once per message: when the record
-    would reach only the handler ``setup`` installed (no other handler, no filter anywhere on
-    its way: how the daemon runs), its line is formatted and written directly, the same line
-    at a third of the cost (no ``LogRecord``, no handler chain). Otherwise (a test's capture
-    handler, a plugin's filter …) the record takes logging's usual path."""
+def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    """``logger.log(level, kv(event, **fields))``, for the lines logged once per message: when
+    the record would reach only the handler ``setup`` installed (no other handler, no filter
+    anywhere on its way: how the daemon runs), its line is formatted and written directly, the
+    same line at a fraction of the cost (no ``LogRecord``, no handler chain, and in the plain
+    format no ``Event`` either). Otherwise (a test's capture handler, a plugin's filter …) the
+    record takes logging's usual path."""
     if not logger.isEnabledFor(level):
         return
-    handler = _installed
-    current: logging.Logger | None = logger
-    while current is not None:
-        if current.filters or (current.handlers and current.parent is not None):
-            handler = None  # someone else may want to see it
-            break
-        if not current.propagate:
-            handler = None
-            break
-        parent = current.parent
-        if parent is None or not isinstance(parent, logging.Logger):
-            break
-        current = parent
-    root = logging.getLogger()
-    if (
-        handler is None
-        or current is not root
-        or root.handlers != [handler]
-        or handler.filters
-        or level < handler.level
-    ):
-        logger.log(level, event)
+    handler = _direct(logger, level)
+    if handler is None:
+        logger.log(level, kv(event, **fields))
         return
     formatter = handler.formatter
-    if not isinstance(formatter, PlainFormatter | JsonFormatter):
-        logger.log(level, event)
+    if None in fields.values():
+        fields = {k: v for k, v in fields.items() if v is not None}
+    if type(formatter) is PlainFormatter:
+        line = f"{formatter._time(time.time())} {_LEVELS[level]} {logger.name} "
+        line += _text(event, fields)
+    elif isinstance(formatter, PlainFormatter | JsonFormatter):
+        levelname = logging.getLevelName(level)
+        line = formatter.format_event(time.time(), levelname, logger.name, Event(event, fields))
+    else:
+        logger.log(level, Event(event, fields))
         return
-    line = formatter.format_event(time.time(), logging.getLevelName(level), logger.name, event)
     with handler.lock:  # type: ignore[union-attr]
         try:
             handler.stream.write(line + handler.terminator)
             handler.flush()
         except Exception:
-            handler.handleError(logging.makeLogRecord({"msg": event, "name": logger.name}))
+            record = {"msg": Event(event, fields), "name": logger.name}
+            handler.handleError(logging.makeLogRecord(record))
+
+
+#: Level names as logging writes them (``logging.getLevelName``), for ``emit``.
+_LEVELS = {level: logging.getLevelName(level) for level in range(logging.CRITICAL + 1)}
+
+
+def _direct(logger: logging.Logger, level: int) -> CoalescingHandler | None:
+    """The handler ``setup`` installed, when a record of ``logger`` at ``level`` would reach
+    only it (no other handler, no filter on its way); else None."""
+    handler = _installed
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters or (current.handlers and current.parent is not None):
+            return None  # someone else may want to see it
+        if not current.propagate:
+            return None
+        parent = current.parent
+        if parent is None or not isinstance(parent, logging.Logger):
+            break
+        current = parent
+    root = logging.root
+    if (
+        handler is None
+        or current is not root
+        or len(root.handlers) != 1
+        or root.handlers[0] is not handler
+        or handler.filters
+        or level < handler.level
+    ):
+        return None
+    return handler
 
 
 def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:

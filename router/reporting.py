@@ -45,14 +45,12 @@ class Reporter:
                 emit(
                     log,
                     logging.INFO,
-                    kv(
-                        "delivered",
-                        id=m.message_id,
-                        type=m.type,
-                        sink=sink,
-                        attempt=m.attempt,
-                        ms=ms,
-                    ),
+                    "delivered",
+                    id=m.message_id,
+                    type=m.type,
+                    sink=sink,
+                    attempt=m.attempt,
+                    ms=ms,
                 )
                 if observed:
                     await plugins.notify(

@@ -517,10 +517,10 @@ def test_the_direct_log_path_writes_the_line_logging_would(
     monkeypatch.setattr(time, "time", lambda: 1_767_225_600.25)
     logs.setup("INFO", fmt)
     logger = logging.getLogger("router.dispatcher")
-    event = kv("delivered", id="m-1", type="patient.admit", sink="a b", attempt=1, ms=1.5)
-    logger.info(event)
-    logs.emit(logger, logging.INFO, event)
-    logs.emit(logger, logging.DEBUG, event)  # below the level: nothing
+    fields = dict(id="m-1", type="patient.admit", sink="a b", attempt=1, ms=1.5, request=None)
+    logger.info(kv("delivered", **fields))
+    logs.emit(logger, logging.INFO, "delivered", **fields)
+    logs.emit(logger, logging.DEBUG, "delivered", **fields)  # below the level: nothing
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[0] == lines[1]
 
@@ -539,7 +539,7 @@ def test_the_direct_log_path_leaves_other_handlers_their_records(
     router_logger = logging.getLogger("router")
     router_logger.addHandler(keep)
     try:
-        logs.emit(logging.getLogger("router.ingress"), logging.INFO, kv("accepted", id="m-1"))
+        logs.emit(logging.getLogger("router.ingress"), logging.INFO, "accepted", id="m-1")
     finally:
         router_logger.removeHandler(keep)
     assert [r.getMessage() for r in seen] == ["accepted id=m-1"]
