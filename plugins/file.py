@@ -60,22 +60,19 @@ _PLACEHOLDER = re.compile(r"\{(type|date|messageId)\}")
 _PATHS_KEPT = 4096
 
 
-#: ``json.dumps(..., separators=(",", ":"))`` without a new encoder per call.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+#: JSON's string form, as ``json.dumps`` writes a string (ASCII, escaped); C where it can be.
+_string = json.encoder.encode_basestring_ascii
 
 
 def _envelope_head(message: Message) -> bytes:
     """The envelope line up to its body: ``{"messageId":…,"type":…,"when":…,"receivedAt":…,
-    "body":``."""
-    head = _COMPACT.encode(
-        {
-            "messageId": message.message_id,
-            "type": message.type,
-            "when": message.when,
-            "receivedAt": message.received_datetime.isoformat(timespec="milliseconds"),
-        }
-    )
-    return head[:-1].encode() + b',"body":'
+    "body":``, as ``json.dumps(…, separators=(",", ":"))`` writes those fields."""
+    when = "null" if message.when is None else _string(message.when)
+    received = message.received_datetime.isoformat(timespec="milliseconds")
+    return (
+        f'{{"messageId":{_string(message.message_id)},"type":{_string(message.type)},'
+        f'"when":{when},"receivedAt":"{received}","body":'
+    ).encode()
 
 
 class FileOptions(SinkOptions):

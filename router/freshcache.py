@@ -33,7 +33,7 @@ class FreshCache:
     __slots__ = ("_bytes", "_messages")
 
     def __init__(self) -> None:
-        self._messages: dict[int, Message] = {}
+        self._messages: dict[int, tuple[Message, int]] = {}  # with its ``_cost``
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -49,15 +49,16 @@ class FreshCache:
         return len(self._messages) < FRESH_COUNT and self._bytes + _cost(message) <= FRESH_BYTES
 
     def add(self, seq: int, message: Message) -> None:
-        self._messages[seq] = message
-        self._bytes += _cost(message)
+        cost = _cost(message)
+        self._messages[seq] = (message, cost)
+        self._bytes += cost
 
     def take(self, limit: int, held: Mapping[int, Claim]) -> list[tuple[Claim, Message | None]]:
         """Up to ``limit`` of the oldest, each with its claim in ``held``."""
         taken: list[tuple[Claim, Message | None]] = []
         for seq in list(itertools.islice(self._messages, limit)):
-            message = self._messages.pop(seq)
-            self._bytes -= _cost(message)
+            message, cost = self._messages.pop(seq)
+            self._bytes -= cost
             taken.append((held[seq], message))
         return taken
 

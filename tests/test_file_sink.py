@@ -80,6 +80,32 @@ async def test_envelope_with_no_when_has_null(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("message_id", "type_", "when"),
+    [
+        ("m-1", "patient.admit", "2026-01-01T00:00:00.000Z"),
+        ('quo"te\\back', "t\u00e9p \u2028", None),
+        ("ctl\x01\x1f", "\U0001f600", "w\ud7ff"),
+    ],
+)
+async def test_envelope_head_is_what_json_dumps_writes(
+    tmp_path: Path, message_id: str, type_: str, when: str | None
+) -> None:
+    """The head is written by hand (for speed): it must be byte for byte what the JSON
+    encoder makes of the same fields, escapes and all."""
+    body = b'{"meta":{}}'
+    message = Message(message_id, type_, when, body, 1_767_225_600.5)
+    [line] = [sink_for(tmp_path, "out.jsonl").line_for(message)]
+    fields = {
+        "messageId": message_id,
+        "type": type_,
+        "when": when,
+        "receivedAt": "2026-01-01T00:00:00.500+00:00",
+    }
+    expected = json.dumps(fields, separators=(",", ":"))[:-1].encode() + b',"body":'
+    assert line == expected + body + b"}\n"
+
+
 async def test_raw_writes_the_exact_body_and_a_newline(tmp_path: Path) -> None:
     messages = [message_for("patient.admit", body=body) for _, body, _ in fixture_vectors()]
     sink = sink_for(tmp_path, "raw.jsonl", format="raw")
