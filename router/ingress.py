@@ -362,9 +362,9 @@ class Ingress:
         rt.dispatcher.offer(appended.seq, message, sinks, appended.claimed)
         status = await respond(send, 200, pong, JSON if pong else None)
         _accepted(rt, message, sinks, size, start)
-        await plugins.notify(
-            rt.config.plugin_manager, "router_message_received", message=message, sinks=sinks
-        )
+        pm = rt.config.plugin_manager
+        if plugins.observed(pm, "router_message_received"):
+            await plugins.notify(pm, "router_message_received", message=message, sinks=sinks)
         return status
 
     async def _not_stored(

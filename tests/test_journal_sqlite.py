@@ -138,13 +138,17 @@ async def in_one_batch(
     writer = journal._writer
     assert writer is not None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(journal._write, hold)
+        tg.start_soon(_awaited, journal._write(hold))
         await anyio.to_thread.run_sync(entered.wait, 30)
         for write in writes:
             tg.start_soon(write)
         while writer._jobs.qsize() < len(writes):
             await anyio.sleep(0)
         gate.set()
+
+
+async def _awaited(future: Awaitable[object]) -> None:
+    await future
 
 
 async def test_a_write_refused_for_want_of_space_fails_alone_in_its_batch(tmp_path: Path) -> None:
@@ -379,7 +383,7 @@ async def test_a_sweep_cancelled_at_its_commit_still_removes_the_bodies_it_swept
                 await journal.sweep(retention=0, now=FUTURE)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(journal._write, hold)
+            tg.start_soon(_awaited, journal._write(hold))
             await anyio.to_thread.run_sync(entered.wait, 30)
             tg.start_soon(sweep)
             while writer._jobs.qsize() < 1:  # the sweep's delete is queued behind ``hold``

@@ -92,13 +92,14 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._write_loop, name=name, daemon=True)
         self._thread.start()
 
-    async def submit(
+    def submit(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         together: Together | None = None,
         arg: Any = None,
-    ) -> Any:
-        """Run ``fn`` in the next batch; return its result once committed (durable).
+    ) -> asyncio.Future[Any]:
+        """Run ``fn`` in the next batch; the future is its result once committed (durable).
+        (A future, not a coroutine: one level less to go through for every message.)
 
         ``together``: jobs of a batch queued one after the other with the same ``together``
         are run as one call of it, given their ``arg``s (say, one multi-row INSERT for many
@@ -107,7 +108,7 @@ class GroupCommit:
         that only a failing job fails."""
         job = _Job(fn, together, arg)
         self._jobs.put(job)
-        return await job.future
+        return job.future
 
     async def stop(self) -> None:
         """Commit what is queued, then end the thread."""

@@ -19,6 +19,7 @@ A small body lives in the ``body`` column; a large one in a file under ``bodies/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -444,15 +445,16 @@ class SQLiteJournal(Journal):
     def alive(self) -> bool:
         return self._writer is not None and self._writer.alive()
 
-    async def _write(
+    def _write(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         together: Together | None = None,
         arg: Any = None,
-    ) -> Any:
+    ) -> asyncio.Future[Any]:
+        """``fn`` in the writer's next batch (``GroupCommit.submit``): await the result."""
         if self._writer is None:
             raise JournalUnavailable("journal is not open")
-        return await self._writer.submit(fn, together, arg)
+        return self._writer.submit(fn, together, arg)
 
     # -- reads -----------------------------------------------------------------------------
 
