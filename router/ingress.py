@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -92,6 +93,9 @@ class Ingress:
         self.on_refused: Callable[[], None] | None = None
         #: Proves the journal can commit for ``/readyz`` (one write a second at most).
         self.commit_probe = CommitProbe()
+        #: What each message type needs of the runtime (``_routed``), for ``_routes_of``.
+        self._routes: dict[str, _Routed] = {}
+        self._routes_of: Runtime | None = None
 
     def _refused(self) -> None:
         if self.on_refused is not None:
@@ -318,7 +322,8 @@ class Ingress:
         durable (a duplicate too), 503 if it cannot be stored. ``spool``: where a body that is
         not in memory (``body`` None) is; None for a body that never left memory."""
         size = len(body) if body is not None else spool.size if spool is not None else 0
-        sinks = rt.config.routes.sinks_for(parsed.type)
+        routed = self._routed(rt, parsed.type)
+        sinks = routed.sinks
         try:
             body_file = None
             if body is None:
@@ -341,7 +346,7 @@ class Ingress:
                 sinks,
                 claim_for=dispatcher.claimable(sinks, message),
                 owner=dispatcher.owner,
-                ordered=rt.config.routes_ordered(sinks),
+                ordered=routed.ordered,
                 lease=dispatcher.lease,
             )
             if spool is not None and body_file is not None and not appended.duplicate:
@@ -361,11 +366,24 @@ class Ingress:
 
         rt.dispatcher.offer(appended.seq, message, sinks, appended.claimed)
         status = await respond(send, 200, pong, JSON if pong else None)
-        _accepted(rt, message, sinks, size, start)
+        _accepted(rt, routed, message, size, start)
         pm = rt.config.plugin_manager
         if plugins.observed(pm, "router_message_received"):
             await plugins.notify(pm, "router_message_received", message=message, sinks=sinks)
         return status
+
+    def _routed(self, rt: Runtime, type_: str) -> _Routed:
+        """What a message of ``type_`` needs of ``rt``, worked out once per type (per runtime:
+        a reload starts afresh). Types come from the sender: the cache is bounded."""
+        if self._routes_of is not rt or len(self._routes) >= _ROUTES_KEPT:
+            self._routes, self._routes_of = {}, rt
+        routed = self._routes.get(type_)
+        if routed is None:
+            sinks = rt.config.routes.sinks_for(type_)
+            accepted = rt.metrics.child(rt.metrics.accepted, type_)
+            routed = _Routed(sinks, rt.config.routes_ordered(sinks), accepted)
+            self._routes[type_] = routed
+        return routed
 
     async def _not_stored(
         self,
@@ -395,11 +413,26 @@ def _pong(parsed: Parsed) -> bytes:
     return json.dumps({"pong": parsed.ping}).encode() if parsed.is_ping else b""
 
 
-def _accepted(rt: Runtime, message: Message, sinks: Sequence[str], size: int, start: float) -> None:
+#: Message types whose routing ``Ingress._routed`` keeps at hand.
+_ROUTES_KEPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """What a message of one type needs: its sinks, whether any delivers in order, and its
+    ``accepted`` counter."""
+
+    sinks: tuple[str, ...]
+    ordered: bool
+    accepted: Any
+
+
+def _accepted(rt: Runtime, routed: _Routed, message: Message, size: int, start: float) -> None:
     """The metrics and the log line of a message accepted (never its body)."""
     metrics = rt.metrics
+    sinks = routed.sinks
     metrics.ack_seconds.observe(time.perf_counter() - start)
-    metrics.child(metrics.accepted, message.type).inc()
+    routed.accepted.inc()
     if not sinks:
         metrics.unrouted.inc()
     emit(
