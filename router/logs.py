@@ -164,7 +164,11 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     with handler.lock:  # type: ignore[union-attr]
         try:
             handler.stream.write(line + handler.terminator)
-            handler.flush()
+            pending = handler._pending_in
+            if pending is None or pending.is_closed():
+                # (Else a flush is queued already: ``flush`` would only find that out, and
+                # asking for the running loop costs a getpid system call on Python 3.11.)
+                handler.flush()
         except Exception:
             record = {"msg": Event(event, fields), "name": logger.name}
             handler.handleError(logging.makeLogRecord(record))

@@ -41,11 +41,12 @@ class _Job:
         fn: Callable[[sqlite3.Connection], Any],
         together: Together | None = None,
         arg: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.fn = fn
         self.together = together
         self.arg = arg
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop if loop is not None and loop.is_running() else asyncio.get_running_loop()
         self.future: asyncio.Future[Any] = self.loop.create_future()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -91,6 +92,12 @@ class GroupCommit:
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._write_loop, name=name, daemon=True)
         self._thread.start()
+        # The loop it is opened in, which is the loop that submits (``asyncio.get_running_loop``
+        # makes a getpid system call on Python 3.11, and this runs for every message).
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     def submit(
         self,
@@ -106,7 +113,7 @@ class GroupCommit:
         messages: one statement instead of one per job). It must do what their ``fn``s would
         do, one after the other; if it raises, the batch is run again job by job (``fn``), so
         that only a failing job fails."""
-        job = _Job(fn, together, arg)
+        job = _Job(fn, together, arg, self._loop)
         self._jobs.put(job)
         return job.future
 
