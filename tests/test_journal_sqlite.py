@@ -175,6 +175,41 @@ async def test_a_write_refused_for_want_of_space_fails_alone_in_its_batch(tmp_pa
         assert stored == ["before", "ok-1", "ok-2"]
 
 
+async def test_only_a_batch_with_something_durable_in_it_is_fsynced(tmp_path: Path) -> None:
+    """Outcomes and claims may be lost to a power failure (the delivery is made again): a batch
+    of them alone is committed with ``synchronous=NORMAL``, no fsync. A batch with anything
+    else in it (an append: a message acknowledged once committed) keeps FULL."""
+
+    def synchronous(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    full, normal = 2, 1
+    async with opened(tmp_path) as journal:
+        assert await journal._write(synchronous) == full
+        assert await journal._write(synchronous, durable=False) == normal
+        seen: list[int] = []
+
+        def job(durable: bool) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                seen.append(await journal._write(synchronous, durable=durable))
+
+            return run
+
+        await in_one_batch(journal, [job(False), job(True), job(False)])
+        assert seen == [full, full, full]
+        await in_one_batch(journal, [job(False), job(False)])
+        assert seen[3:] == [normal, normal]
+        # What the journal's own writes ask for: an append, durable; an outcome, not.
+        writer = journal._writer
+        assert writer is not None
+        appended = await journal.append(msg("m-1"), ["s"], claim_for={"s"}, owner="me")
+        assert writer._synchronous == "FULL"
+        await journal.record([Outcome(appended.seq, "s", "delivered", 1, 1)])
+        assert writer._synchronous == "NORMAL"
+        await journal.claim("s", "me", 10, ordered=False, lease=30.0)
+        assert writer._synchronous == "NORMAL"
+
+
 async def test_appends_in_one_batch_are_stored_together_as_one_at_a_time_would(
     tmp_path: Path,
 ) -> None:

@@ -34,7 +34,7 @@ Together = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 
 class _Job:
-    __slots__ = ("arg", "error", "fn", "future", "loop", "result", "together")
+    __slots__ = ("arg", "durable", "error", "fn", "future", "loop", "result", "together")
 
     def __init__(
         self,
@@ -42,10 +42,12 @@ class _Job:
         together: Together | None = None,
         arg: Any = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        durable: bool = True,
     ) -> None:
         self.fn = fn
         self.together = together
         self.arg = arg
+        self.durable = durable
         self.loop = loop if loop is not None and loop.is_running() else asyncio.get_running_loop()
         self.future: asyncio.Future[Any] = self.loop.create_future()
         self.result: Any = None
@@ -86,6 +88,8 @@ class GroupCommit:
 
     def __init__(self, conn: sqlite3.Connection, name: str) -> None:
         self._conn = conn
+        #: The connection's ``PRAGMA synchronous`` now (it is opened with FULL).
+        self._synchronous = "FULL"
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         #: False after a commit failed or a job failed for want of disk, until one succeeds.
         self.healthy = True
@@ -104,6 +108,8 @@ class GroupCommit:
         fn: Callable[[sqlite3.Connection], Any],
         together: Together | None = None,
         arg: Any = None,
+        *,
+        durable: bool = True,
     ) -> asyncio.Future[Any]:
         """Run ``fn`` in the next batch; the future is its result once committed (durable).
         (A future, not a coroutine: one level less to go through for every message.)
@@ -112,8 +118,15 @@ class GroupCommit:
         are run as one call of it, given their ``arg``s (say, one multi-row INSERT for many
         messages: one statement instead of one per job). It must do what their ``fn``s would
         do, one after the other; if it raises, the batch is run again job by job (``fn``), so
-        that only a failing job fails."""
-        job = _Job(fn, together, arg, self._loop)
+        that only a failing job fails.
+
+        ``durable=False``: the job's writes may be lost to a power failure (never to the
+        process dying: they are in the operating system's cache), as bookkeeping that is
+        redone if lost may be (a delivery's outcome: the message is delivered again; a
+        lease). A batch of such jobs only is committed without an fsync (``synchronous=
+        NORMAL``); the next durable commit's fsync makes them durable too, the log being
+        written in order."""
+        job = _Job(fn, together, arg, self._loop, durable)
         self._jobs.put(job)
         return job.future
 
@@ -154,6 +167,13 @@ class GroupCommit:
                 return
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        synchronous = "FULL" if any(job.durable for job in jobs) else "NORMAL"
+        if synchronous != self._synchronous:
+            try:
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._synchronous = synchronous
+            except sqlite3.Error:
+                pass  # (FULL stays: only ever more durable than asked)
         if not self._commit_all(conn, jobs):
             self._commit_each(conn, jobs)
         _settle_all(jobs)

@@ -450,11 +450,13 @@ class SQLiteJournal(Journal):
         fn: Callable[[sqlite3.Connection], Any],
         together: Together | None = None,
         arg: Any = None,
+        *,
+        durable: bool = True,
     ) -> asyncio.Future[Any]:
         """``fn`` in the writer's next batch (``GroupCommit.submit``): await the result."""
         if self._writer is None:
             raise JournalUnavailable("journal is not open")
-        return self._writer.submit(fn, together, arg)
+        return self._writer.submit(fn, together, arg, durable=durable)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -546,7 +548,9 @@ class SQLiteJournal(Journal):
             rows = conn.execute(sql, params).fetchall()
             return [Claim(seq, attempts, token) for seq, attempts, token in sorted(rows)]
 
-        result: list[Claim] = await self._write(write)
+        # Not durable: a claim lost to a power failure is lost with every process holding
+        # one (``GroupCommit.submit``).
+        result: list[Claim] = await self._write(write, durable=False)
         return result
 
     async def record(self, outcomes: Iterable[Outcome]) -> int:
@@ -572,7 +576,8 @@ class SQLiteJournal(Journal):
                 ).rowcount
             return stored
 
-        result: int = await self._write(write)
+        # Not durable: an outcome lost to a power failure means the delivery is made again.
+        result: int = await self._write(write, durable=False)
         return result
 
     async def release(self, sink: str, claims: Iterable[Claim]) -> None:
