@@ -39,22 +39,43 @@ class Event(str):
 
 
 def _text(event: str, fields: dict[str, Any]) -> str:
-    """``event key=value ...`` (the plain form of an ``Event``)."""
+    """``event key=value ...`` (the plain form of an ``Event``; ``None`` fields left out)."""
     parts = [event]
     for k, v in fields.items():  # ``_value``, inlined for the usual values (once per message)
         t = type(v)
         if t is str:
-            if v and v.isprintable() and not (" " in v or '"' in v or "=" in v):
-                parts.append(f"{k}={v}")
-                continue
+            text = _STRINGS.get(v)
+            if text is None:
+                if len(_STRINGS) >= 4096:
+                    _STRINGS.clear()
+                text = _STRINGS[v] = _value(v)
+            parts.append(f"{k}={text}")
+            continue
         elif t is int:
             parts.append(f"{k}={v}")
             continue
         elif t is float:
-            parts.append(f"{k}={v:.3f}")
+            text = _FLOATS.get(v)
+            if text is None:
+                if len(_FLOATS) >= 1024:
+                    _FLOATS.clear()
+                text = _FLOATS[v] = f"{v:.3f}"
+            parts.append(f"{k}={text}")
+            continue
+        elif v is None:
             continue
         parts.append(f"{k}={_value(v)}")
     return " ".join(parts)
+
+
+#: Strings as ``_value`` writes them, recently seen: a message's id and type are in each of its
+#: lines, a sink's name and the usual types in most (checking and quoting costs more than this).
+_STRINGS: dict[str, str] = {}
+#: Floats as ``_value`` writes them, recently seen (a batch's lines share their duration, and
+#: formatting a float is a good part of a line's cost).
+_FLOATS: dict[float, str] = {}
+#: Milliseconds as a log line's time writes them.
+_MILLIS = [f"{ms:03d}" for ms in range(1000)]
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,7 +123,7 @@ class PlainFormatter(logging.Formatter):
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int((created - second) * 1000):03d}"  # (``_msecs``)
+        return f"{self._stamp},{_MILLIS[int((created - second) * 1000)]}"  # (``_msecs``)
 
     def format_event(self, created: float, levelname: str, name: str, event: Event) -> str:
         """What ``format`` makes of a record of ``event`` (``emit``'s direct path)."""
@@ -150,16 +171,14 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
         logger.log(level, kv(event, **fields))
         return
     formatter = handler.formatter
-    if None in fields.values():
-        fields = {k: v for k, v in fields.items() if v is not None}
     if type(formatter) is PlainFormatter:
         line = f"{formatter._time(time.time())} {_LEVELS[level]} {logger.name} "
         line += _text(event, fields)
     elif isinstance(formatter, PlainFormatter | JsonFormatter):
         levelname = logging.getLevelName(level)
-        line = formatter.format_event(time.time(), levelname, logger.name, Event(event, fields))
+        line = formatter.format_event(time.time(), levelname, logger.name, kv(event, **fields))
     else:
-        logger.log(level, Event(event, fields))
+        logger.log(level, kv(event, **fields))
         return
     with handler.lock:  # type: ignore[union-attr]
         try:
@@ -170,7 +189,7 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
                 # asking for the running loop costs a getpid system call on Python 3.11.)
                 handler.flush()
         except Exception:
-            record = {"msg": Event(event, fields), "name": logger.name}
+            record = {"msg": kv(event, **fields), "name": logger.name}
             handler.handleError(logging.makeLogRecord(record))
 
 
