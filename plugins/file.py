@@ -146,6 +146,23 @@ class FileSink(Sink[FileOptions]):
         """The line written for a message (whole, in memory: for tests and small bodies)."""
         return b"".join(self.line_chunks(message))
 
+    def _lines(self, messages: list[Message]) -> Iterable[bytes]:
+        """The lines of ``messages`` in pieces: at once when every body is in memory (the
+        usual case: no generator per message), else read as they are written."""
+        if not all(m.in_memory for m in messages):
+            return (c for m in messages for c in self.line_chunks(m))
+        parts: list[bytes] = []
+        envelope = self.options.format == "envelope"
+        for message in messages:
+            body = message.body
+            if b"\n" in body or b"\r" in body:
+                body = body.translate(_LINE_BREAKS)
+            if envelope:
+                parts += (_envelope_head(message), body.removeprefix(b"\xef\xbb\xbf"), b"}\n")
+            else:
+                parts += (body, b"\n")
+        return parts
+
     def line_chunks(self, message: Message) -> Iterator[bytes]:
         """The line for a message in pieces, reading a large body from its file as it goes."""
         if self.options.format == "envelope":
@@ -180,7 +197,7 @@ class FileSink(Sink[FileOptions]):
         with self._lock:
             for path, messages in by_path.items():
                 try:
-                    self._append(path, (c for m in messages for c in self.line_chunks(m)))
+                    self._append(path, self._lines(messages))
                 except OSError as e:
                     # The error may be about reading a large body's stored file, not writing.
                     target = e.filename if e.filename is not None else path

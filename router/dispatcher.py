@@ -114,7 +114,10 @@ class SinkRunner:
         at hand, so that delivering it needs no journal read."""
         self.held[seq] = Claim(seq, 0, FIRST_TOKEN)
         self.fresh.add(seq, message)
-        self._wake.set()
+        if self.active < self.cfg.concurrency:
+            # (Else every attempt is taken: the one that ends wakes the runner, which then
+            # takes this message with the others that came meanwhile.)
+            self._wake.set()
 
     async def supervise(self, after: SinkRunner | None = None) -> None:
         """``run`` inside a cancel scope of its own, so that a reload can retire this runner

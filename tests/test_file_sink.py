@@ -154,6 +154,23 @@ async def test_a_body_with_line_breaks_stays_on_one_line_and_parses(
     assert (doc["body"] if format_ == "envelope" else doc) == json.loads(body)
 
 
+@pytest.mark.parametrize("format_", ["envelope", "raw"])
+async def test_a_batch_in_memory_is_written_as_line_for_writes_each(
+    tmp_path: Path, format_: str
+) -> None:
+    """A batch whose bodies are all in memory is written in one go (no generator per line):
+    each line must still be the one ``line_for`` (the streaming way) makes."""
+    bodies = [
+        b'{\r\n "meta": {"messageId": "m-1", "type": "t"}\n}\n',
+        b"\xef\xbb\xbf" + body_for("t", "m-2"),
+        body_for("t", "m-3"),
+    ]
+    messages = [message_for("t", f"m-{i}", b) for i, b in enumerate(bodies, 1)]
+    sink = sink_for(tmp_path, "out.jsonl", format=format_)
+    assert not await sink.send(messages)
+    assert lines(tmp_path / "out.jsonl") == [sink.line_for(m) for m in messages]
+
+
 async def test_a_body_with_a_utf8_bom_still_gives_a_json_envelope(tmp_path: Path) -> None:
     body = b"\xef\xbb\xbf" + body_for("t", "m-1")
     sink = sink_for(tmp_path, "out.jsonl")
