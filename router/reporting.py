@@ -36,12 +36,13 @@ class Reporter:
         ms = round(duration * 1000, 1)
         lag = metrics.child(metrics.delivery_seconds, sink)
         observed = plugins.observed(pm, "router_message_delivered")
+        lags: list[float] = []
         for done in each:
             m = done.message
             kind = done.kind
             counts[kind] = counts.get(kind, 0) + 1
             if kind == "delivered":
-                lag.observe(now - m.received_at)
+                lags.append(now - m.received_at)
                 emit(
                     log,
                     logging.INFO,
@@ -74,5 +75,6 @@ class Reporter:
                 await plugins.notify(
                     pm, "router_message_dead_lettered", message=m, sink=sink, error=done.error
                 )
+        metrics.observe_many(lag, lags)
         for outcome, count in counts.items():
             metrics.child(metrics.deliveries, sink, outcome).inc(count)

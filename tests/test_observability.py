@@ -21,11 +21,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import Message, PermanentError, RetryableError, SendResult, Sink, SinkOptions, logs
 from router.config import Config, load_config
 from router.logs import kv
+from router.metrics import Metrics
 from router.testing import Recorder, SinkPlugin, body_for, running_router, write_config
 from tests.conftest import (
     FIXTURES,
@@ -544,3 +546,22 @@ def test_the_direct_log_path_leaves_other_handlers_their_records(
         router_logger.removeHandler(keep)
     assert [r.getMessage() for r in seen] == ["accepted id=m-1"]
     assert capsys.readouterr().err.endswith(" INFO router.ingress accepted id=m-1\n")
+
+
+def test_observing_a_batch_at_once_counts_as_observing_each() -> None:
+    """``Metrics.observe_many`` (a batch's delivery times) must expose what ``observe`` one by
+    one does: the same buckets, bounds included, the same count and sum."""
+    values = [0.0, 0.005, 0.0051, 0.3, 0.3, 1.0, 7.5, 3600.0, 1e9, -1.0]
+    rendered = []
+    for many in (False, True):
+        registry = CollectorRegistry()
+        h = Histogram("lag", "", ["sink"], buckets=(0.005, 0.25, 1, 3600), registry=registry)
+        child = h.labels("a")
+        if many:
+            Metrics.observe_many(child, values)
+        else:
+            for v in values:
+                child.observe(v)
+        rendered.append(generate_latest(registry))
+    assert rendered[0] == rendered[1]
+    assert b'lag_bucket{le="0.005",sink="a"} 3.0' in rendered[1]
