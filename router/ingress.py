@@ -96,6 +96,9 @@ class Ingress:
         #: What each message type needs of the runtime (``_routed``), for ``_routes_of``.
         self._routes: dict[str, _Routed] = {}
         self._routes_of: Runtime | None = None
+        #: The requests counter of each status answered, for the metrics ``_requests_of``.
+        self._requests: dict[int, Any] = {}
+        self._requests_of: Metrics | None = None
 
     def _refused(self) -> None:
         if self.on_refused is not None:
@@ -111,7 +114,7 @@ class Ingress:
         path = scope["path"]
         if self.webhook and path == rt.config.server.path:
             status = await self._webhook(rt, scope, receive, send)
-            rt.metrics.child(rt.metrics.requests, str(status)).inc()
+            self._counted(rt.metrics, status).inc()
         elif self.admin and path in ("/healthz", "/readyz", "/metrics"):
             if scope["method"] not in ("GET", "HEAD"):
                 await respond(send, 405, headers=[(b"allow", b"GET, HEAD")])
@@ -371,6 +374,15 @@ class Ingress:
         if plugins.observed(pm, "router_message_received"):
             await plugins.notify(pm, "router_message_received", message=message, sinks=sinks)
         return status
+
+    def _counted(self, metrics: Metrics, status: int) -> Any:
+        """The requests counter of ``status`` (looked up once per status)."""
+        if self._requests_of is not metrics:
+            self._requests, self._requests_of = {}, metrics
+        counter = self._requests.get(status)
+        if counter is None:
+            counter = self._requests[status] = metrics.child(metrics.requests, str(status))
+        return counter
 
     def _routed(self, rt: Runtime, type_: str) -> _Routed:
         """What a message of ``type_`` needs of ``rt``, worked out once per type (per runtime:
