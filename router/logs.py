@@ -232,10 +232,12 @@ def setup(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     stream = sys.stderr
-    if isinstance(stream, io.TextIOWrapper) and stream.line_buffering:
-        # Python makes a non-interactive stderr line-buffered (a write per line): the handler
-        # flushes instead, and everything else on stderr stays in order with its lines.
-        stream.reconfigure(line_buffering=False)
+    if isinstance(stream, io.TextIOWrapper) and (stream.line_buffering or stream.write_through):
+        # Python makes a non-interactive stderr line-buffered, and with PYTHONUNBUFFERED (set
+        # in many container images) writes each piece through at once: a write system call per
+        # line. The handler flushes instead, and everything else on stderr stays in order with
+        # its lines (one buffer).
+        stream.reconfigure(line_buffering=False, write_through=False)
     global _installed
     handler = CoalescingHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter(_PLAIN))

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -495,6 +496,26 @@ async def test_log_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
     await anyio.sleep(0)
     assert raw.getvalue().endswith(b"line 2\nline 3\n")
     assert raw.writes == 2
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+async def test_the_daemons_log_stream_is_not_written_line_by_line(
+    monkeypatch: pytest.MonkeyPatch, unbuffered: bool
+) -> None:
+    """stderr as Python makes it when not a terminal (line-buffered), or with PYTHONUNBUFFERED
+    (each write goes through): ``setup`` makes it buffer, so lines go out together."""
+    raw = _CountingBytes()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", line_buffering=True, write_through=unbuffered)
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.setup("INFO", "plain")
+    logger = logging.getLogger("router.test")
+    for i in range(5):
+        logs.emit(logger, logging.INFO, "accepted", id=f"m-{i}")
+        logger.info(kv("duplicate", id=f"m-{i}"))
+    assert raw.writes == 0
+    await anyio.sleep(0)
+    assert raw.getvalue().endswith(b"duplicate id=m-4\n")
+    assert raw.writes == 1
 
 
 def test_log_lines_outside_a_loop_go_out_at_once_and_a_loops_last_line_is_not_lost() -> None:
