@@ -17,7 +17,7 @@ import pytest
 
 from router.errors import JournalUnavailable
 from router.journal import Appended, Claim, Outcome
-from router.journal.sqlite import SCHEMA_VERSION, SQLiteJournal
+from router.journal.sqlite import SCHEMA_VERSION, WRITER_CACHE_KIB, SQLiteJournal
 from router.message import Message
 from router.testing import body_for
 from tests.conftest import query_journal as query
@@ -428,3 +428,11 @@ async def test_a_sweep_cancelled_at_its_commit_still_removes_the_bodies_it_swept
         await journal._write(lambda conn: None)  # everything queued before is committed
         assert await journal.messages([held.seq]) == {}
         assert not path.exists(), "the swept message's body was left behind"
+
+
+async def test_the_writer_keeps_a_page_cache_larger_than_sqlites_default(tmp_path: Path) -> None:
+    """SQLite's 2 MiB cache is smaller than the indexes a busy journal's inserts touch (each
+    miss is a read of the file): the writer's connection is given ``WRITER_CACHE_KIB``."""
+    async with opened(tmp_path) as journal:
+        size = await journal._write(lambda c: c.execute("PRAGMA cache_size").fetchone()[0])
+        assert size == -WRITER_CACHE_KIB
