@@ -193,7 +193,8 @@ class Ingress:
                 if refused:
                     return refused
                 if not verification.verified():
-                    return await self._unverified(rt, send, spool)
+                    await spool.discard()  # at once: its bytes are nobody's
+                    return await self._unverified(rt, send, spool.size)
                 ticket.release()  # verified: the journal stores or refuses it like any message
                 body = None if spool.spooled else spool.body()
                 try:
@@ -287,9 +288,7 @@ class Ingress:
         except Disconnected:
             return 499
         if not verification.verified():
-            rt.metrics.verification_failures.inc()
-            log.warning(kv("rejected", reason="verification failed", bytes=len(body)))
-            return await respond(send, 401)
+            return await self._unverified(rt, send, len(body))
         try:
             if len(body) >= PARSE_IN_THREAD_BYTES:
                 parsed = await anyio.to_thread.run_sync(parse, body)
@@ -303,10 +302,10 @@ class Ingress:
             return await respond(send, 200, pong, JSON)
         return await self._journal(rt, send, start, parsed, body, None, pong)
 
-    async def _unverified(self, rt: Runtime, send: Send, spool: Spool) -> int:
-        await spool.discard()  # at once: its bytes are nobody's
+    async def _unverified(self, rt: Runtime, send: Send, size: int) -> int:
+        """Answer a body of ``size`` bytes that failed verification (nothing of it kept)."""
         rt.metrics.verification_failures.inc()
-        log.warning(kv("rejected", reason="verification failed", bytes=spool.size))
+        log.warning(kv("rejected", reason="verification failed", bytes=size))
         return await respond(send, 401)
 
     # -- 5. journal; 6. answer ----------------------------------------------------------------
