@@ -43,37 +43,24 @@ def _text(event: str, fields: dict[str, Any]) -> str:
     parts = [event]
     for k, v in fields.items():  # ``_value``, inlined for the usual values (once per message)
         t = type(v)
-        if t is str:
-            text = _STRINGS.get(v)
+        if t is str or t is float:
+            text = _RENDERED.get(v)
             if text is None:
-                if len(_STRINGS) >= 4096:
-                    _STRINGS.clear()
-                text = _STRINGS[v] = _value(v)
+                if len(_RENDERED) >= 4096:
+                    _RENDERED.clear()
+                text = _RENDERED[v] = _value(v)
             parts.append(f"{k}={text}")
-            continue
         elif t is int:
             parts.append(f"{k}={v}")
-            continue
-        elif t is float:
-            text = _FLOATS.get(v)
-            if text is None:
-                if len(_FLOATS) >= 1024:
-                    _FLOATS.clear()
-                text = _FLOATS[v] = f"{v:.3f}"
-            parts.append(f"{k}={text}")
-            continue
-        elif v is None:
-            continue
-        parts.append(f"{k}={_value(v)}")
+        elif v is not None:
+            parts.append(f"{k}={_value(v)}")
     return " ".join(parts)
 
 
-#: Strings as ``_value`` writes them, recently seen: a message's id and type are in each of its
-#: lines, a sink's name and the usual types in most (checking and quoting costs more than this).
-_STRINGS: dict[str, str] = {}
-#: Floats as ``_value`` writes them, recently seen (a batch's lines share their duration, and
-#: formatting a float is a good part of a line's cost).
-_FLOATS: dict[float, str] = {}
+#: Strings and floats as ``_value`` writes them, recently seen: a message's id and type are in
+#: each of its lines, a sink's name, the usual types and a batch's duration in many (checking,
+#: quoting and formatting them costs more than the lookup). No str equals a float.
+_RENDERED: dict[str | float, str] = {}
 #: Milliseconds as a log line's time writes them.
 _MILLIS = [f"{ms:03d}" for ms in range(1000)]
 

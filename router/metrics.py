@@ -186,11 +186,11 @@ class Metrics:
         Through the client's own value objects (each bucket counts the values up to its bound,
         as ``observe`` counts them; the exposition adds them up); ``observe`` one by one where
         this client has none of them."""
+        if not values:
+            return
         bounds = getattr(histogram, "_upper_bounds", None)
         buckets = getattr(histogram, "_buckets", None)
         total = getattr(histogram, "_sum", None)
-        if not values:
-            return
         if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
             for v in values:
                 histogram.observe(v)
