@@ -165,6 +165,8 @@ class Metrics:
         self.metriport_failed_seen = Gauge(
             "webhook_router_metriport_failed_seen",
             "Failed deliveries Metriport reported at the last check (-1: it could not count).",
+            # With workers: the latest check's, whichever worker made it (one holds the lock).
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.metriport_retries = Counter(

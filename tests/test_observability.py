@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router import Message, PermanentError, RetryableError, SendResult, Sink, SinkOptions, logs
 from router.config import Config, load_config
 from router.logs import kv
-from router.metrics import Metrics
+from router.metrics import MULTIPROC_ENV, Metrics
 from router.testing import Recorder, SinkPlugin, body_for, running_router, write_config
 from tests.conftest import (
     FIXTURES,
@@ -586,3 +588,31 @@ def test_observing_a_batch_at_once_counts_as_observing_each() -> None:
         rendered.append(generate_latest(registry))
     assert rendered[0] == rendered[1]
     assert b'lag_bucket{le="0.005",sink="a"} 3.0' in rendered[1]
+
+
+_SET_GAUGE = """
+import sys
+from router.metrics import Metrics
+Metrics().metriport_failed_seen.set(float(sys.argv[1]))
+"""
+
+
+def test_with_workers_the_metriport_gauge_is_one_series_not_one_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the worker holding the Metriport lock checks; any worker (or a restarted one, with
+    a new pid) may be the one: /metrics shows the latest count once, not a series per pid."""
+    folder = tmp_path / "multiproc"
+    folder.mkdir()
+    env = {**os.environ, MULTIPROC_ENV: str(folder)}
+    for value in ("3", "5"):  # two worker processes, one after the other
+        subprocess.run([sys.executable, "-c", _SET_GAUGE, value], env=env, check=True)
+    monkeypatch.setenv(MULTIPROC_ENV, str(folder))
+    text = Metrics().render().decode()
+    samples = [
+        s
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "webhook_router_metriport_failed_seen"
+    ]
+    assert [(s.labels, s.value) for s in samples] == [({}, 5.0)]
