@@ -11,6 +11,8 @@ every link at the known paths of its type (``LINK_PATHS``; a plugin adds paths w
     attempt_timeout: 60s                                   # silence allowed within one fetch
     retry: {initial: 1s, max: 30s}                         # between fetches of one file
 
+- **Large messages**: a body stored in a file (past 1 MiB: an old inline bundle) is scanned for
+  its links as it is read (``links_in_chunks``), never parsed whole.
 - **Earliest deadline first**: a link's deadline is ``X-Amz-Date`` + ``X-Amz-Expires``; links
   are fetched in that order, at most ``downloads`` at once.
 - **Streamed**: each file is written as it arrives (bounded memory whatever its size) to a
@@ -44,7 +46,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import anyio.to_thread
 import httpx
+import ijson
 from pydantic import BaseModel, ConfigDict, Field
 
 from plugins.file import resolve_template, safe_component
@@ -99,6 +102,7 @@ _PLACEHOLDER = re.compile(r"\{(type|date|messageId|patientId|name)\}")
 _CHUNK = 64 * 1024
 _WRITE_SIZE = 1024 * 1024
 _EXPIRED = b"Request has expired"
+_BOM = b"\xef\xbb\xbf"  # (accepted before a body's JSON, as parse accepts it)
 
 
 def add_link_paths(type_glob: str, *paths: str) -> None:
@@ -169,6 +173,102 @@ def links_in(doc: Any, paths: Sequence[str]) -> list[Link]:
                 seen.add(url)
                 found.append(Link(url, patient, deadline_of(url)))
     return found
+
+
+class _Open:
+    """An object or array open on the way to a link, while a body is scanned piece by piece."""
+
+    __slots__ = ("is_map", "parent", "patient")
+
+    def __init__(self, is_map: bool, parent: _Open | None) -> None:
+        self.is_map = is_map
+        self.parent = parent
+        #: The object's ``patientId`` when it is a string (the last one given, as json.loads).
+        self.patient: str | None = None
+
+    def nearest_patient(self) -> str | None:
+        node: _Open | None = self
+        while node is not None:
+            if node.patient is not None:
+                return node.patient
+            node = node.parent
+        return None
+
+
+def links_in_chunks(chunks: Iterable[bytes], paths: Sequence[str]) -> list[Link]:
+    """``links_in`` of a body read piece by piece (one stored in a file: an old inline bundle
+    can be hundreds of MiB): the same links in the same order, found by a streaming parser
+    (ijson's events), so that memory holds the links found and the objects open on the way to
+    them, never the document. Blocking: run it in a worker thread. Raises ``ValueError`` if
+    the body is not JSON. (One difference: a key repeated in an object below the top level,
+    which ``json.loads`` reduces to its last value, has each of its values searched.)"""
+    steps = [[s for s in p.replace("[]", ".[]").split(".") if s] for p in paths]
+    # ijson names a place by its keys joined with "." ("item" for an array's element); which
+    # containers were arrays is checked on the way (a key named "item" is not an element).
+    wanted: dict[str, list[tuple[int, tuple[bool, ...]]]] = {}
+    relevant: set[str] = set()
+    for i, path in enumerate(steps):
+        names = ["item" if s == "[]" else s for s in path]
+        for n in range(len(names) + 1):
+            relevant.add(".".join(names[:n]))
+        kinds = tuple(s != "[]" for s in path)  # container n is an object (else an array)
+        wanted.setdefault(".".join(names), []).append((i, kinds))
+    patient_at = {(f"{p}.patientId" if p else "patientId"): p for p in relevant}
+    found: list[list[tuple[str, _Open | None]]] = [[] for _ in steps]
+    opened: list[_Open] = []  # the containers open at relevant places, outermost first
+    events = ijson.sendable_list()
+    parser = ijson.parse_coro(events)
+    head: bytes | None = b""  # the first bytes, until there are enough to tell a BOM
+
+    interesting = relevant | patient_at.keys()
+
+    def take(prefix: str, event: str, value: Any) -> None:
+        if event in ("end_map", "end_array"):
+            if prefix in relevant:
+                opened.pop()
+            return
+        if event == "map_key":
+            return
+        if prefix in patient_at and opened and opened[-1].is_map:
+            opened[-1].patient = value if event == "string" else None
+        if prefix in wanted and event == "string":
+            # Every container on its way is open and relevant: is each of the kind it names?
+            shape = tuple(c.is_map for c in opened)
+            for i, kinds in wanted[prefix]:
+                if shape == kinds:
+                    found[i].append((value, opened[-1] if opened else None))
+        if event in ("start_map", "start_array") and prefix in relevant:
+            opened.append(_Open(event == "start_map", opened[-1] if opened else None))
+
+    try:
+        for chunk in chunks:
+            if head is not None:
+                head += chunk
+                if len(head) < len(_BOM):
+                    continue
+                chunk, head = head.removeprefix(_BOM), None
+            if chunk:  # (an empty send would end ijson's input)
+                parser.send(chunk)
+                for prefix, event, value in events:
+                    if prefix in interesting:  # (most of a large body is not)
+                        take(prefix, event, value)
+                del events[:]
+        if head and (rest := head.removeprefix(_BOM)):
+            parser.send(rest)
+        parser.close()
+        for event in events:
+            take(*event)
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise ValueError(f"body is not valid JSON: {type(e).__name__}") from None
+    links: list[Link] = []
+    seen: set[str] = set()
+    for per_path in found:
+        for url, where in per_path:
+            if url.startswith(("https://", "http://")) and url not in seen:
+                seen.add(url)
+                patient = where.nearest_patient() if where is not None else None
+                links.append(Link(url, patient, deadline_of(url)))
+    return links
 
 
 def _walk(node: Any, steps: list[str], patient: str | None) -> Iterator[tuple[Any, str | None]]:
@@ -267,9 +367,14 @@ class DownloadSink(Sink[DownloadOptions]):
             return
 
         try:
-            # A large body (an old inline bundle, stored in a file) is read and parsed in a
-            # worker thread, so the event loop keeps serving requests meanwhile.
-            found = links_in(await message.read_json(), paths)
+            if message.in_memory:
+                found = links_in(message.json(), paths)
+            else:
+                # A large body (an old inline bundle, stored in a file) is scanned as it is
+                # read, in a worker thread: never held whole, nor parsed whole.
+                found = await anyio.to_thread.run_sync(
+                    links_in_chunks, message.body_chunks(), paths
+                )
         except ValueError:
             raise PermanentError("body is not JSON") from None
         links = sorted(found, key=lambda k: (k.deadline is None, k.deadline or 0))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from plugins.download import LINK_PATHS, add_link_paths, deadline_of, links_in
+from plugins.download import LINK_PATHS, add_link_paths, deadline_of, links_in, links_in_chunks
 from router.config import Config, load_config
 from router.testing import Recorder, body_for, running_router, write_config
 from tests.conftest import base_config, deliveries, fixture_vectors, post
@@ -112,6 +113,78 @@ def test_link_paths_and_deadlines() -> None:
     assert found[0].path == "https://b.s3.amazonaws.com/k/x.json"  # never the query
     add_link_paths("test.new-type", "payload.fileUrl")
     assert links_in({"payload": {"fileUrl": url}}, LINK_PATHS["test.new-type"])[0].url == url
+
+
+def _in_pieces(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def _same_links(body: bytes, paths: list[str]) -> list[tuple[str, str | None]]:
+    """The links a body stored in a file gives (scanned piece by piece, at several piece
+    sizes) are those of the body parsed whole."""
+    doc = json.loads(body.removeprefix(b"\xef\xbb\xbf"))
+    whole = [(k.url, k.patient_id) for k in links_in(doc, paths)]
+    for size in (1, 7, 4096, len(body) + 1):
+        pieces = [(k.url, k.patient_id) for k in links_in_chunks(_in_pieces(body, size), paths)]
+        assert pieces == whole, size
+    return whole
+
+
+def test_a_body_scanned_in_pieces_gives_the_links_of_the_body_parsed_whole() -> None:
+    for _name, body, _ in fixture_vectors():
+        for paths in LINK_PATHS.values():
+            _same_links(body, paths)
+    a, b, c = (f"https://b.s3.amazonaws.com/k/{n}.json?X-Amz-Expires=60" for n in "abc")
+    paths = ["patients[].documents[].url", "patients[].documents[].downloadUrl", "payload.url"]
+    crafted: list[Any] = [
+        # patientId after the links, an inner one nearer, one that is not a string
+        {"patients": [{"documents": [{"url": a}], "patientId": "late"}]},
+        {"patientId": "top", "patients": [{"documents": [{"url": a, "patientId": "doc"}]}]},
+        {"patientId": "top", "patients": [{"patientId": 7, "documents": [{"url": a}]}]},
+        # a key named "item" is not an array's element; wrong kinds of containers on the way
+        {"patients": {"item": {"documents": [{"url": a}]}}},
+        {"patients": [[{"documents": [{"url": a}]}]]},
+        {"patients": [{"documents": {"url": a}}], "payload": [{"url": b}]},
+        # the same link twice, under two paths; values that are not links
+        {"patients": [{"documents": [{"url": a, "downloadUrl": a}, {"downloadUrl": b}]}]},
+        {"payload": {"url": 42}, "patients": [{"documents": [{"url": "ftp://x"}, {"url": None}]}]},
+        {"payload": {"url": c, "nested": {"url": a}}, "patients": []},
+        [{"payload": {"url": a}}],
+    ]
+    for doc in crafted:
+        _same_links(json.dumps(doc).encode(), paths)
+    assert _same_links(json.dumps(crafted[0]).encode(), paths) == [(a, "late")]
+    assert _same_links(json.dumps(crafted[3]).encode(), paths) == []
+    assert _same_links(b"\xef\xbb\xbf" + json.dumps(crafted[8]).encode(), paths) == [(c, None)]
+    # Random documents, mostly of the paths' shapes, sometimes not (seeded: the same each run).
+    rng = random.Random(11)
+    leaves = [a, b, c, "p1", "p2", 3, None, True, "http://h/z"]
+    keys = ["patients", "documents", "url", "downloadUrl", "payload", "patientId", "item", "x"]
+
+    def value(shape: list[str], depth: int = 0) -> Any:
+        if depth > 6 or rng.random() < 0.1:
+            return rng.choice(leaves)
+        follow = bool(shape) and rng.random() < 0.8
+        step = shape[0] if follow else ("[]" if rng.random() < 0.3 else rng.choice(keys))
+        rest = shape[1:] if follow else []
+        if step == "[]":
+            return [value(rest, depth + 1) for _ in range(rng.randint(0, 3))]
+        out: dict[str, Any] = {step: value(rest, depth + 1) if rest else rng.choice(leaves)}
+        for _ in range(rng.randint(0, 2)):
+            out[rng.choice(keys)] = rng.choice(leaves) if rng.random() < 0.6 else value([], depth)
+        if rng.random() < 0.3:
+            out["patientId"] = rng.choice(["p1", "p2", 5])
+        return out
+
+    shapes = [p.replace("[]", ".[]").split(".") for p in paths]
+    results = [
+        _same_links(json.dumps(value(rng.choice(shapes))).encode(), paths) for _ in range(300)
+    ]
+    # (Not vacuous: 49 of them hold links, some with a patient above.)
+    assert sum(bool(r) for r in results) > 40
+    assert any(p for r in results for _, p in r)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        links_in_chunks([b'{"payload": {"url": '], paths)
 
 
 # -- end to end -------------------------------------------------------------------------------
@@ -256,6 +329,36 @@ async def test_a_large_file_is_streamed_with_bounded_memory(tmp_path: Path, s3: 
     assert peak < 12 * 1024 * 1024, (
         f"peak {peak / 2**20:.1f} MiB for a {LARGE / 2**20:.0f} MiB file"
     )
+
+
+async def test_a_large_inline_bundle_is_scanned_for_links_without_being_parsed_whole(
+    tmp_path: Path, s3: FakeS3
+) -> None:
+    """An old consolidated-data message carries its bundle inline: stored in a file (past
+    1 MiB), its links are found as it is read, so memory stays far below the body's size
+    (parsed whole, the Python objects of a body this size take several times the body)."""
+    url = s3.put("cx/inline/attachment.json", b"{}", expires=14400)
+    filler = {"resource": {"resourceType": "Observation", "code": {"text": "x" * 40}}}
+    entries = [filler] * 48_000 + [{"resource": {"content": [{"attachment": {"url": url}}]}}]
+    body = body_for(
+        "medical.consolidated-data",
+        patients=[{"patientId": "p-inline", "bundle": {"entry": entries}}],
+    )
+    assert len(body) > 4 * 1024 * 1024
+    recorder = Recorder()
+    config = docs_config(tmp_path, recorder)
+    async with running_router(config) as router, httpx.AsyncClient() as client:
+        await post(client, router.webhook_url, body)
+        tracemalloc.start()
+        try:
+            await recorder.wait_for(lambda r: len(r.delivered) == 1, within=300)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    (line,) = manifest(tmp_path)
+    assert (line["outcome"], line["size"]) == ("downloaded", 2)
+    assert "/p-inline/" in line["file"]
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB, body {len(body) / 2**20:.0f} MiB"
 
 
 async def test_samples_resent_by_metriport_carry_expired_links(tmp_path: Path) -> None:
