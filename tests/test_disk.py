@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ import pytest
 
 from router.config import Config, load_config
 from router.journal.sqlite import SQLiteJournal as Journal
+from router.journal.sqlite import _unsupported
 from router.message import Message
 from router.testing import (
     Recorder,
@@ -240,6 +242,54 @@ def test_a_damaged_journal_stops_start_with_one_line_naming_the_recovery(
     assert 'see "Recovering a damaged journal" in the README' in line
     assert "Traceback" not in done.stdout + done.stderr
     assert db.read_bytes() == before  # left exactly as found, for the recovery
+
+
+#: ``webhook-router serve`` on a Python whose sqlite3 module reports an old SQLite library.
+_OLD_SQLITE = """
+import sqlite3, sys
+sqlite3.sqlite_version_info, sqlite3.sqlite_version = (3, 31, 1), "3.31.1"
+from router.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sqlite_too_old_for_the_journal_stops_start_with_one_line_saying_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Else the daemon would start, say it is ready, and answer every message 503 (its
+    statements need SQLite 3.35)."""
+    journal = tmp_path / "journal"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _OLD_SQLITE,
+            "serve",
+            "--config",
+            str(cli_config(tmp_path, journal)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot open journal ")
+    assert "SQLite 3.35.0 or newer is needed; this Python's sqlite3 module uses 3.31.1" in line
+    assert "journal.postgres" in line
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not journal.exists()  # nothing created
+
+
+def test_a_sqlite_without_its_json_functions_is_named_with_what_to_do() -> None:
+    class WithoutJson:
+        def execute(self, sql: str) -> None:
+            raise sqlite3.OperationalError("no such table: json_each")
+
+    problem = _unsupported(WithoutJson())  # type: ignore[arg-type]
+    assert problem is not None and "was built without its JSON functions" in problem
 
 
 def test_a_journal_on_a_read_only_filesystem_stops_start_with_one_line(tmp_path: Path) -> None:

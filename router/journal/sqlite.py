@@ -211,6 +211,34 @@ def _damaged(e: BaseException) -> str:
     return f": the file is damaged, {RECOVERY}" if code in (11, 26) else ""  # CORRUPT, NOTADB
 
 
+#: The oldest SQLite the journal's statements run on (``RETURNING`` came in 3.35.0, 2021).
+MIN_SQLITE = (3, 35, 0)
+
+
+def _unsupported(conn: sqlite3.Connection) -> str | None:
+    """Why the SQLite library this Python uses cannot hold the journal, if it cannot: too
+    old, or built without its JSON functions. (Else the first message would fail to append,
+    after the daemon had said it was ready.)"""
+    found = sqlite3.sqlite_version_info
+    if found < MIN_SQLITE:
+        need = ".".join(map(str, MIN_SQLITE))
+        return (
+            f"SQLite {need} or newer is needed; this Python's sqlite3 module uses"
+            f" {sqlite3.sqlite_version}: run webhook-router on a Python built against a newer"
+            " SQLite (Debian 12, Ubuntu 22.04 and python.org builds have one), or use"
+            " journal.postgres"
+        )
+    try:
+        conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+    except sqlite3.OperationalError:
+        return (
+            f"the SQLite library this Python uses ({sqlite3.sqlite_version}) was built without"
+            " its JSON functions (json_each): run webhook-router on a Python whose SQLite has"
+            " them (3.38 and newer always do), or use journal.postgres"
+        )
+    return None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     # First: SQLite takes auto_vacuum only before the file's first page is written, and the
@@ -355,6 +383,9 @@ class SQLiteJournal(Journal):
                 f"no journal at {self.path}: has `webhook-router serve` run with this"
                 " configuration?"
             )
+        with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+            if problem := _unsupported(probe):
+                raise JournalUnavailable(f"cannot open journal {self.path}: {problem}")
         try:
             durable.make_dirs(self.directory)  # its entry on disk before any promise in it
             conn = _connect(self.path)
