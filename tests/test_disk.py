@@ -256,7 +256,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_sqlite_too_old_for_the_journal_stops_start_with_one_line_saying_what_to_do(
     tmp_path: Path,
 ) -> None:
-    """Else the daemon would start, say it is ready, and answer every message 503 (its
+    """Else the daemon would start, say it is ready, and fail every message (its
     statements need SQLite 3.35)."""
     journal = tmp_path / "journal"
     done = subprocess.run(
