@@ -436,3 +436,13 @@ async def test_the_writer_keeps_a_page_cache_larger_than_sqlites_default(tmp_pat
     async with opened(tmp_path) as journal:
         size = await journal._write(lambda c: c.execute("PRAGMA cache_size").fetchone()[0])
         assert size == -WRITER_CACHE_KIB
+
+
+async def test_the_writer_thread_is_named_for_top_and_ps(tmp_path: Path) -> None:
+    """``top -H`` and ``ps -L`` tell the journal's writer from the event loop's thread (and the
+    benchmark charges each its CPU)."""
+    async with opened(tmp_path) as journal:
+        assert journal._writer is not None
+        tid = journal._writer._thread.native_id
+        await journal._write(lambda conn: None)  # (the thread has started its loop)
+        assert Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "journal-writer"
