@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The development key `make run` serves with. It is printed on start: never use it in production.
 DEV_KEY ?= DEV-ONLY-not-a-secret
 
-.PHONY: run test lint check-monitoring check-config clean soak bench bench-quick bench-profile bench-app bench-instructions bench-soak bench-workers bench-postgres bench-tools
+.PHONY: run test lint check-monitoring check-config clean soak bench bench-quick bench-profile bench-app bench-instructions bench-cost bench-soak bench-workers bench-postgres bench-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -127,6 +127,11 @@ bench-app: $(VENV)/.installed
 bench-instructions: $(VENV)/.installed
 	@command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind"; exit 1; }
 	$(BIN)/python bench/instructions.py $(BENCH_INSTRUCTIONS_ARGS)
+
+## bench-cost: CPU per request of floor and router by thread, user and kernel, context switches
+## and system calls per request (perf, when installed: apt-get install -y linux-perf) (~2 min)
+bench-cost: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/run.py --phases cost $(BENCH_ARGS)
 
 ## bench-profile: where the router's CPU goes under wrk load (py-spy, installed into .venv)
 bench-profile: $(VENV)/.installed bench-tools

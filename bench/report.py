@@ -31,6 +31,8 @@ TARGETS: dict[str, tuple[float, bool, str]] = {  # name: (bound, higher is bette
     "large_silence_256_s": (2.5, False, "<= 2.5 s"),
     "large_silence_throttled_s": (0.5, False, "<= 0.5 s"),
     "soak_last_vs_first": (0.9, True, ">= 0.9"),
+    # Issue 11: the router's CPU per request against the floor's, both on one pinned core.
+    "router_vs_floor_cpu": (0.6, True, ">= 0.6"),
 }
 
 
@@ -123,6 +125,7 @@ def report(results: dict[str, Any]) -> str:
         "",
     ]
     rows: list[tuple[str, str, str, str]] = []
+    after: list[str] = []  # lines too long for the table, printed below it
 
     def row(name: str, value: str, target: str = "", ok: str = "") -> None:
         rows.append((name, value, target, ok))
@@ -158,6 +161,38 @@ def report(results: dict[str, Any]) -> str:
         row("  router / peer", fmt(rp, digits=2), *verdict(rp, "router_vs_peer"))
         if t.get("ingest_vs_floor") is not None:
             row("  ingest only / floor (diagnostic)", fmt(t["ingest_vs_floor"], digits=2))
+    c = results.get("cost", {})
+    if "skipped" in c:
+        row("cost", "skipped: " + c["skipped"])
+    elif c.get("router"):
+        spec = f"median of {o['runs']} rounds of {o['duration']:g} s, {o['connections']} conns"
+        row(f"cost: CPU per request, us user + kernel ({spec})", "")
+        for name in ("floor", "router"):
+            for where, t_ in c[name]["threads"].items():
+                switches = f"  ({t_['ctxsw']:.2f} switches)" if t_["ctxsw"] >= 0.01 else ""
+                row(f"  {name}: {where}", f"{t_['user_us']:.0f} + {t_['kernel_us']:.0f}{switches}")
+        totals = " / ".join(
+            f"{c[n]['cpu_us_per_request']:.0f} ({c[n]['kernel_us_per_request']:.0f} kernel)"
+            for n in ("floor", "router")
+        )
+        row("  total, floor / router", totals)
+        ratio = c.get("router_vs_floor_cpu")
+        row(
+            "  router / floor (the floor's CPU per request / the router's)",
+            fmt(ratio, digits=2),
+            *verdict(ratio, "router_vs_floor_cpu"),
+        )
+        for name in ("floor", "router"):
+            calls = c[name].get("syscalls_per_request")
+            if calls:
+                top = sorted(
+                    ((v, k) for k, v in calls.items() if k != "all" and v >= 0.05), reverse=True
+                )
+                named = ", ".join(f"{k} {v:.2f}" for v, k in top)
+                row(f"  {name}: system calls per request", f"{calls.get('all', 0):.1f}")
+                after.append(f"{name}'s system calls per request: {named}")
+        if c.get("syscalls_skipped"):
+            row("  system calls", "not counted: " + c["syscalls_skipped"])
     lat = results.get("latency", {})
     if lat:
         e = lat.get("e2e", {})
@@ -266,6 +301,7 @@ def report(results: dict[str, Any]) -> str:
     vwidth = max(len(r[1]) for r in rows) + 2
     for name, value, target, ok in rows:
         lines.append(f"{name:<{width}}{value:<{vwidth}}{target:<14}{ok}".rstrip())
+    lines += after
     for note in results.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

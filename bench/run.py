@@ -17,6 +17,8 @@ script are pinned to another):
 3. large bodies (a fresh router): old-style ``medical.consolidated-data`` bodies of 16, 64 and
    256 MiB: time to 200, time until delivered, peak RSS growth.
 4. optional profile (``--profile SECONDS``): py-spy on the router under wrk load.
+5. optional cost (``--phases cost``, ``bench/cost.py``): CPU per request by thread, user and
+   kernel, context switches and system calls per request, floor and router alternating.
 
 Prints a table and writes everything to ``bench/results/bench-<UTC time>.json`` (and
 ``latest.json``). See ``bench/README.md``.
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cost
 import payloads
 import pyspy_breakdown
 import report
@@ -327,6 +330,67 @@ def one_run(
         pool.unlink()
     log(text)
     return r
+
+
+def cost_phase(opts: Options, results: dict[str, Any]) -> None:
+    """CPU per request by thread, user and kernel, and system calls per request (``perf``, if
+    allowed), floor and router in alternating rounds under wrk (see ``bench/cost.py``)."""
+    out: dict[str, Any] = results.setdefault("cost", {})
+    if not opts.wrk:
+        out["skipped"] = "wrk is not installed (apt-get install -y wrk)"
+        log(out["skipped"])
+        return
+    cycle_pool = payloads.write_pool(opts.tmp / "cost-cycle.txt", 20_000, KEY.encode())
+    router = start_router("router-cost", opts.tmp, opts.server_cpu)
+    loop = "uvloop" if router.server.uses_uvloop() else "asyncio"
+    floor = start_floor(opts.tmp, opts.server_cpu, loop)
+    targets = [("floor", floor, "cycle"), ("router", router.server, "once")]
+    rounds: dict[str, list[dict[str, Any]]] = {"floor": [], "router": []}
+    rows = int(5000 * opts.duration * 1.6) + 2000
+    try:
+        for i in range(opts.runs + 1):  # the first round warms both up and is not counted
+            duration = opts.warmup if i == 0 else opts.duration
+            for name, server, mode in targets:
+                pool = cycle_pool.path
+                if mode == "once":
+                    want = max(1000, int(rows * duration / opts.duration))
+                    pool = payloads.write_pool(opts.tmp / "cost-once.txt", want, KEY.encode()).path
+                url = f"http://127.0.0.1:{server.port}/webhook"
+                before = cost.thread_times(server.pid)
+                with cost.Syscalls(server.pid) as calls:
+                    r = run_wrk(url, pool, mode, opts, duration)
+                after = cost.thread_times(server.pid)
+                if mode == "once":
+                    if r["sent"] > 0.8 * want:
+                        rows = int(rows * 1.5)
+                    pool.unlink()
+                    wait_drained(router)
+                if i == 0:
+                    continue
+                n = max(1, r["requests"])
+                threads = cost.per_request(server.pid, before, after, n)
+                one: dict[str, Any] = {
+                    "rps": r["rps"],
+                    "threads": threads,
+                    "cpu_us": sum(t["user_us"] + t["kernel_us"] for t in threads.values()),
+                    "kernel_us": sum(t["kernel_us"] for t in threads.values()),
+                }
+                if calls.counts is not None:
+                    one["syscalls"] = {k: v / n for k, v in calls.counts.items()}
+                rounds[name].append(one)
+                log(
+                    f"  cost {name} round {i}: {r['rps']:,.0f} req/s, {one['cpu_us']:.0f} us"
+                    f" of CPU per request ({one['kernel_us']:.0f} in the kernel)"
+                )
+    finally:
+        router.server.stop()
+        floor.stop()
+    for name, measured in rounds.items():
+        out[name] = cost.summarize(measured)
+    f_us, r_us = out["floor"]["cpu_us_per_request"], out["router"]["cpu_us_per_request"]
+    out["router_vs_floor_cpu"] = round(f_us / r_us, 3) if r_us else None
+    if not any("syscalls_per_request" in out[n] for n in rounds):
+        out["syscalls_skipped"] = "perf is not installed or may not read tracepoints (as root)"
 
 
 def iter_chunks(f: Any) -> Iterator[bytes]:
@@ -702,7 +766,8 @@ def parse_args() -> Options:
     p.add_argument(
         "--phases",
         default="throughput,latency,large",
-        help="which of throughput,latency,large to run (default: all)",
+        help="which of throughput,latency,large,cost to run (default: the first three; cost:"
+        " CPU per request by thread, user and kernel, and system calls, floor and router)",
     )
     p.add_argument("--profile", type=float, default=0, help="also py-spy the router N seconds")
     p.add_argument("--skip-peer", action="store_true", help="do not run adnanh/webhook")
@@ -827,6 +892,7 @@ def main() -> int:
             ("throughput", throughput_phase),
             ("latency", latency_phase),
             ("large", large_phase),
+            ("cost", cost_phase),
         ):
             if name not in opts.phases:
                 continue
