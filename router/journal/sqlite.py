@@ -225,7 +225,7 @@ def _unsupported(conn: sqlite3.Connection) -> str | None:
         return (
             f"SQLite {need} or newer is needed; this Python's sqlite3 module uses"
             f" {sqlite3.sqlite_version}: run webhook-router on a Python built against a newer"
-            " SQLite (Debian 12, Ubuntu 22.04 and python.org builds have one), or use"
+            " SQLite (Debian 12 and Ubuntu 22.04 have one, as do the builds uv installs), or use"
             " journal.postgres"
         )
     try:
