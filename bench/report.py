@@ -167,22 +167,28 @@ def report(results: dict[str, Any]) -> str:
     elif c.get("router"):
         spec = f"median of {o['runs']} rounds of {o['duration']:g} s, {o['connections']} conns"
         row(f"cost: CPU per request, us user + kernel ({spec})", "")
-        for name in ("floor", "router"):
-            for where, t_ in c[name]["threads"].items():
+        for name in ("floor", "router", "ingest"):
+            for where, t_ in c.get(name, {}).get("threads", {}).items():
                 switches = f"  ({t_['ctxsw']:.2f} switches)" if t_["ctxsw"] >= 0.01 else ""
                 row(f"  {name}: {where}", f"{t_['user_us']:.0f} + {t_['kernel_us']:.0f}{switches}")
+        shown = [n for n in ("floor", "router", "ingest") if n in c]
         totals = " / ".join(
             f"{c[n]['cpu_us_per_request']:.0f} ({c[n]['kernel_us_per_request']:.0f} kernel)"
-            for n in ("floor", "router")
+            for n in shown
         )
-        row("  total, floor / router", totals)
+        row(f"  total, {' / '.join(shown)}", totals)
         ratio = c.get("router_vs_floor_cpu")
         row(
             "  router / floor (the floor's CPU per request / the router's)",
             fmt(ratio, digits=2),
             *verdict(ratio, "router_vs_floor_cpu"),
         )
-        for name in ("floor", "router"):
+        if c.get("ingest_vs_floor_cpu") is not None:
+            row(
+                "  ingest only / floor (diagnostic: no sink, WARNING logs)",
+                fmt(c["ingest_vs_floor_cpu"], digits=2),
+            )
+        for name in shown:
             calls = c[name].get("syscalls_per_request")
             if calls:
                 top = sorted(

@@ -345,7 +345,13 @@ def cost_phase(opts: Options, results: dict[str, Any]) -> None:
     loop = "uvloop" if router.server.uses_uvloop() else "asyncio"
     floor = start_floor(opts.tmp, opts.server_cpu, loop)
     targets = [("floor", floor, "cycle"), ("router", router.server, "once")]
-    rounds: dict[str, list[dict[str, Any]]] = {"floor": [], "router": []}
+    routers = {"router": router}
+    if opts.ingest_only:  # accepting alone: where delivering's share shows
+        routers["ingest"] = start_router(
+            "ingest-cost", opts.tmp, opts.server_cpu, INGEST_ONLY_CONFIG
+        )
+        targets.append(("ingest", routers["ingest"].server, "once"))
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
     rows = int(5000 * opts.duration * 1.6) + 2000
     try:
         for i in range(opts.runs + 1):  # the first round warms both up and is not counted
@@ -364,7 +370,8 @@ def cost_phase(opts: Options, results: dict[str, Any]) -> None:
                     if r["sent"] > 0.8 * want:
                         rows = int(rows * 1.5)
                     pool.unlink()
-                    wait_drained(router)
+                    if name == "router":
+                        wait_drained(router)
                 if i == 0:
                     continue
                 n = max(1, r["requests"])
@@ -383,12 +390,16 @@ def cost_phase(opts: Options, results: dict[str, Any]) -> None:
                     f" of CPU per request ({one['kernel_us']:.0f} in the kernel)"
                 )
     finally:
-        router.server.stop()
+        for r_ in routers.values():
+            r_.server.stop()
         floor.stop()
     for name, measured in rounds.items():
         out[name] = cost.summarize(measured)
     f_us, r_us = out["floor"]["cpu_us_per_request"], out["router"]["cpu_us_per_request"]
     out["router_vs_floor_cpu"] = round(f_us / r_us, 3) if r_us else None
+    if "ingest" in out:
+        i_us = out["ingest"]["cpu_us_per_request"]
+        out["ingest_vs_floor_cpu"] = round(f_us / i_us, 3) if i_us else None
     if not any("syscalls_per_request" in out[n] for n in rounds):
         out["syscalls_skipped"] = "perf is not installed or may not read tracepoints (as root)"
 
