@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 #: The system calls counted by name (the others are in the total).
@@ -123,11 +124,6 @@ class Syscalls:
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the rounds of one server: µs per request by role, switches, syscalls."""
-
-    def median(values: list[float]) -> float:
-        values = sorted(values)
-        n = len(values)
-        return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
     roles = sorted({r for one in rounds for r in one["threads"]})
     threads = {

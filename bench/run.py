@@ -199,14 +199,21 @@ class Target:
     delivers: bool = True  # False: nothing is routed to a sink (no backlog to wait for)
 
 
+def _without_wrk(opts: Options, out: dict[str, Any], consequence: str = "") -> bool:
+    """True (the phase marked skipped, and why) when wrk is not installed."""
+    if opts.wrk:
+        return False
+    out["skipped"] = f"wrk is not installed (apt-get install -y wrk){consequence}"
+    log(out["skipped"])
+    return True
+
+
 def throughput_phase(opts: Options, results: dict[str, Any]) -> None:
     """floor, router and peer up at once (all pinned to the server CPU, idle when not
     measured), measured in interleaved rounds (floor, router, peer; floor, router, peer; ...)
     so that a burst of outside load hits all three alike; medians per server."""
     out: dict[str, Any] = results.setdefault("throughput", {})
-    if not opts.wrk:
-        out["skipped"] = "wrk is not installed (apt-get install -y wrk): no throughput figures"
-        log(out["skipped"])
+    if _without_wrk(opts, out, ": no throughput figures"):
         return
     cycle_pool = payloads.write_pool(opts.tmp / "cycle-pool.txt", 20_000, KEY.encode())
     results["body_bytes_mean"] = round(cycle_pool.mean_body_bytes)
@@ -336,9 +343,7 @@ def cost_phase(opts: Options, results: dict[str, Any]) -> None:
     """CPU per request by thread, user and kernel, and system calls per request (``perf``, if
     allowed), floor and router in alternating rounds under wrk (see ``bench/cost.py``)."""
     out: dict[str, Any] = results.setdefault("cost", {})
-    if not opts.wrk:
-        out["skipped"] = "wrk is not installed (apt-get install -y wrk)"
-        log(out["skipped"])
+    if _without_wrk(opts, out):
         return
     cycle_pool = payloads.write_pool(opts.tmp / "cost-cycle.txt", 20_000, KEY.encode())
     router = start_router("router-cost", opts.tmp, opts.server_cpu)
@@ -643,8 +648,7 @@ def soak_phase(opts: Options, results: dict[str, Any]) -> None:
     with fresh ids (a few seconds apart while the next pool is written): does the rate decay as
     the journal grows?"""
     out: dict[str, Any] = results.setdefault("soak", {})
-    if not opts.wrk:
-        out["skipped"] = "wrk is not installed"
+    if _without_wrk(opts, out):
         return
     slices = max(2, round(opts.soak / opts.soak_slice))
     log(f"soak: {slices} x {opts.soak_slice:g} s of wrk load on one router")
